@@ -1,0 +1,1 @@
+//! Local key cache. OWNER: store helper.

@@ -1,0 +1,3 @@
+//! `Authorization` parsing (contract §3 step 4): pure.
+//!
+//! OWNER: gate helper.

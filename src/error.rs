@@ -1,0 +1,221 @@
+//! Every refusal keygate answers itself, in one place: status, the fixed
+//! client message, the metric label. The outer handler (`proxy::respond`)
+//! turns a [`Rejection`] into the JSON response, the log line and the metric;
+//! inner stages only return `Err(Rejection::…)`.
+
+use http::StatusCode;
+
+/// Why keygate answered a request itself instead of forwarding it.
+///
+/// Client messages are fixed strings: internal detail (store errors, upstream
+/// error chains) goes to the log, never to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Request target not origin-form (or an acceptable absolute-form), fragment, userinfo.
+    BadTarget,
+    /// Host header missing or duplicated (HTTP/1.1), `:authority` disagreeing with `host`.
+    BadHost,
+    /// `Content-Length` with `Transfer-Encoding`, or a `Transfer-Encoding` other than one `chunked`.
+    BadFraming,
+    /// More than one `Authorization` header.
+    DuplicateAuthorization,
+    /// Any other malformed request keygate itself detects (bad JSON on the keys API, …).
+    BadRequest(&'static str),
+    /// A path the strict path rules refuse (contract §3 step 3).
+    AmbiguousPath,
+    /// Request target longer than the 8 KiB limit.
+    UriTooLong,
+    /// Too many or too large request headers.
+    HeadersTooLarge,
+    /// `CONNECT` (and any other method keygate never proxies).
+    MethodNotAllowed,
+    /// The Host is not one this tenant serves.
+    Misdirected,
+    /// The path is under a `policy.deny_prefixes` entry.
+    Forbidden,
+    /// A cookie-authenticated `POST`/`DELETE` on the keys API without a served `Origin`.
+    CrossSiteOrigin,
+    /// An org key that is malformed, unknown, revoked, expired or another tenant's;
+    /// or (with the `reject` policies) a missing/foreign credential.
+    Unauthorized,
+    /// A keys-API caller with neither a valid key nor a verified session.
+    Unauthenticated,
+    /// The key store could not answer in time and the key is not usable from cache.
+    StoreUnavailable,
+    /// The session verifier could not answer (keys API, cookie sessions).
+    SessionVerifierUnavailable,
+    /// `DELETE /org/tokens/{id}` for an unknown or revoked key.
+    TokenNotFound,
+    /// Keys API route that does not exist.
+    NotFound,
+    /// Keys API method that does not exist on the route.
+    KeysMethodNotAllowed,
+    /// `POST /org/tokens` past `keys.max_live`.
+    MintCeiling,
+    /// Keys API request body over the size limit.
+    PayloadTooLarge,
+    /// The app could not be reached (connect refused, connect timeout, reset before a response).
+    UpstreamUnreachable,
+    /// The app did not send its response head within `upstream.timeout`.
+    UpstreamTimeout,
+    /// The proxy is shutting down or otherwise cannot take the request.
+    Unavailable,
+}
+
+/// The `outcome` label of `keygate_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Forwarded,
+    Answered,
+    Unauthorized,
+    Forbidden,
+    Misdirected,
+    BadRequest,
+    StoreUnavailable,
+    UpstreamError,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Forwarded,
+        Outcome::Answered,
+        Outcome::Unauthorized,
+        Outcome::Forbidden,
+        Outcome::Misdirected,
+        Outcome::BadRequest,
+        Outcome::StoreUnavailable,
+        Outcome::UpstreamError,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Answered => "answered",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::Forbidden => "forbidden",
+            Outcome::Misdirected => "misdirected",
+            Outcome::BadRequest => "bad_request",
+            Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::UpstreamError => "upstream_error",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl Rejection {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Rejection::BadTarget
+            | Rejection::BadHost
+            | Rejection::BadFraming
+            | Rejection::DuplicateAuthorization
+            | Rejection::BadRequest(_)
+            | Rejection::AmbiguousPath => StatusCode::BAD_REQUEST,
+            Rejection::UriTooLong => StatusCode::URI_TOO_LONG,
+            Rejection::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Rejection::MethodNotAllowed | Rejection::KeysMethodNotAllowed => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
+            Rejection::Misdirected => StatusCode::MISDIRECTED_REQUEST,
+            Rejection::Forbidden | Rejection::CrossSiteOrigin => StatusCode::FORBIDDEN,
+            Rejection::Unauthorized | Rejection::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Rejection::StoreUnavailable
+            | Rejection::SessionVerifierUnavailable
+            | Rejection::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::TokenNotFound | Rejection::NotFound => StatusCode::NOT_FOUND,
+            Rejection::MintCeiling => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The fixed text of the `"error"` field.
+    pub fn message(self) -> &'static str {
+        match self {
+            Rejection::BadTarget => "bad request: invalid request target",
+            Rejection::BadHost => "bad request: missing or duplicated host",
+            Rejection::BadFraming => "bad request: invalid message framing",
+            Rejection::DuplicateAuthorization => "bad request: more than one authorization header",
+            Rejection::BadRequest(msg) => msg,
+            Rejection::AmbiguousPath => "bad request: ambiguous path",
+            Rejection::UriTooLong => "request target too long",
+            Rejection::HeadersTooLarge => "request header fields too large",
+            Rejection::MethodNotAllowed => "method not allowed",
+            Rejection::KeysMethodNotAllowed => "method not allowed",
+            Rejection::Misdirected => "misdirected request: host not served by this tenant",
+            Rejection::Forbidden => "forbidden",
+            Rejection::CrossSiteOrigin => "forbidden: cross-site request",
+            Rejection::Unauthorized => "invalid or revoked org API key",
+            Rejection::Unauthenticated => "authentication required",
+            Rejection::StoreUnavailable => "key store unavailable",
+            Rejection::SessionVerifierUnavailable => "session verifier unavailable",
+            Rejection::TokenNotFound => "token not found or already revoked",
+            Rejection::NotFound => "not found",
+            Rejection::MintCeiling => "org api token mint ceiling exceeded",
+            Rejection::PayloadTooLarge => "request body too large",
+            Rejection::UpstreamUnreachable => "bad gateway: upstream unreachable",
+            Rejection::UpstreamTimeout => "gateway timeout: upstream did not answer in time",
+            Rejection::Unavailable => "service unavailable",
+        }
+    }
+
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Rejection::BadTarget
+            | Rejection::BadHost
+            | Rejection::BadFraming
+            | Rejection::DuplicateAuthorization
+            | Rejection::BadRequest(_)
+            | Rejection::AmbiguousPath
+            | Rejection::UriTooLong
+            | Rejection::HeadersTooLarge
+            | Rejection::MethodNotAllowed
+            | Rejection::PayloadTooLarge => Outcome::BadRequest,
+            Rejection::Misdirected => Outcome::Misdirected,
+            Rejection::Forbidden | Rejection::CrossSiteOrigin => Outcome::Forbidden,
+            Rejection::Unauthorized | Rejection::Unauthenticated => Outcome::Unauthorized,
+            Rejection::StoreUnavailable => Outcome::StoreUnavailable,
+            Rejection::SessionVerifierUnavailable
+            | Rejection::TokenNotFound
+            | Rejection::NotFound
+            | Rejection::KeysMethodNotAllowed
+            | Rejection::MintCeiling
+            | Rejection::Unavailable => Outcome::Answered,
+            Rejection::UpstreamUnreachable | Rejection::UpstreamTimeout => Outcome::UpstreamError,
+        }
+    }
+
+    /// Whether the client connection should be closed after this answer
+    /// (framing errors: the rest of the stream cannot be trusted).
+    pub fn close_connection(self) -> bool {
+        matches!(
+            self,
+            Rejection::BadFraming | Rejection::HeadersTooLarge | Rejection::BadHost
+        )
+    }
+
+    /// Extra header for 401 answers (`WWW-Authenticate`) and 503 (`Retry-After`) is
+    /// added by the responder; this says which.
+    pub fn wants_www_authenticate(self) -> bool {
+        matches!(self, Rejection::Unauthorized)
+    }
+
+    pub fn wants_retry_after(self) -> bool {
+        matches!(
+            self,
+            Rejection::StoreUnavailable | Rejection::SessionVerifierUnavailable
+        )
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl std::error::Error for Rejection {}
