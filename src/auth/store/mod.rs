@@ -1,8 +1,18 @@
-//! Key store. OWNER: store helper.
+//! Key store: where key records live (Redis in production, memory for unit
+//! tests and the demo). Only SHA-256 hashes of tokens are ever stored.
+//!
+//! OWNER: store helper. The API below is what `auth::cache` / `Authenticator`
+//! and the CLI use; keep signatures stable (add methods freely).
+
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
 
-/// One key's metadata, as stored (the hash is the record's key, not a field here).
+use super::token::KeyHash;
+use crate::config::StoreConfig;
+
+/// One key's metadata, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
     pub id: String,
@@ -15,9 +25,17 @@ pub struct KeyRecord {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
+impl KeyRecord {
+    /// Not revoked and not expired at `now`.
+    pub fn is_live(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEntry {
     pub time: DateTime<Utc>,
+    /// `org-key:<prefix>`, `session:<user_id>` or `cli:<os user>`.
     pub actor: String,
     /// `mint` or `revoke`.
     pub action: String,
@@ -31,14 +49,109 @@ pub struct AuditEntry {
 /// A store failure; the text is for logs only, never for clients.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("key store unavailable: {0}")]
+    #[error("{0}")]
     Unavailable(String),
-    #[error("key store call timed out")]
-    Timeout,
+    #[error("key store call timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+/// Result of an atomic mint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MintOutcome {
+    Minted {
+        /// Live keys after this mint.
+        live: u64,
+    },
+    /// `ceiling` was given and the tenant already has that many live keys.
+    CeilingReached,
+}
+
+/// What the revocation feed tells the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedEvent {
+    /// The feed (re)connected: from now on revocations are delivered.
+    Connected,
+    /// A key was revoked (by any keygate sharing the store).
+    Revoked(KeyHash),
+    /// The feed lost its connection: revocations may be missed until `Connected`.
+    Lost,
 }
 
 /// The configured store (enum dispatch: no boxing on the hot path).
 #[derive(Clone)]
 pub enum Store {
-    Memory,
+    Memory(Arc<memory::MemoryStore>),
+    Redis(Arc<redis::RedisStore>),
+}
+
+pub mod memory;
+pub mod redis;
+
+impl Store {
+    /// A fresh in-memory store for tenant `slug`.
+    pub fn memory(slug: &str) -> Store {
+        Store::Memory(Arc::new(memory::MemoryStore::new(slug)))
+    }
+
+    /// Build the configured store for tenant `slug`. Does not fail when the
+    /// server is down (keygate must start and recover by itself); it fails only
+    /// for an unusable configuration. Use [`Store::ping`] to check reachability.
+    pub fn from_config(_config: &StoreConfig, _slug: &str) -> Result<Store, StoreError> {
+        todo!("store helper")
+    }
+
+    /// Look a key up by token hash (the record even if revoked/expired, or None).
+    pub async fn lookup(&self, _hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        todo!("store helper")
+    }
+
+    /// Atomically store a new key (and its audit entry); with `ceiling`, refuse
+    /// when the tenant already has that many live keys.
+    pub async fn mint(
+        &self,
+        _hash: &KeyHash,
+        _record: &KeyRecord,
+        _ceiling: Option<u32>,
+        _audit: &AuditEntry,
+    ) -> Result<MintOutcome, StoreError> {
+        todo!("store helper")
+    }
+
+    /// Live keys (unrevoked, unexpired), newest first.
+    pub async fn list_live(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        todo!("store helper")
+    }
+
+    /// Atomically mark the live key `id` revoked, append the audit entry and
+    /// publish the revocation on the feed. `Ok(None)`: no live key with that id.
+    pub async fn revoke(
+        &self,
+        _id: &str,
+        _at: DateTime<Utc>,
+        _audit: &AuditEntry,
+    ) -> Result<Option<KeyHash>, StoreError> {
+        todo!("store helper")
+    }
+
+    /// Write-behind of `last_used_at` (batched; best effort).
+    pub async fn touch(&self, _updates: &[(KeyHash, DateTime<Utc>)]) -> Result<(), StoreError> {
+        todo!("store helper")
+    }
+
+    /// Audit entries, oldest first, at or after `since`.
+    pub async fn audit(&self, _since: Option<DateTime<Utc>>) -> Result<Vec<AuditEntry>, StoreError> {
+        todo!("store helper")
+    }
+
+    /// Round-trip to the store (readiness, CLI pre-flight).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        todo!("store helper")
+    }
+
+    /// Start the revocation feed task: it sends `Connected` once subscribed,
+    /// `Revoked` per revocation, `Lost` when the subscription drops, and keeps
+    /// reconnecting (with back-off) until `events` is closed.
+    pub fn spawn_revocation_feed(&self, _events: mpsc::UnboundedSender<FeedEvent>) {
+        todo!("store helper")
+    }
 }

@@ -1,0 +1,2 @@
+//! Redis store. OWNER: store helper.
+pub struct RedisStore;
