@@ -1,1 +1,361 @@
-//! TODO
+//! The commands behind `keygate …` (contract §1). Each returns a [`Failure`]
+//! that `main` maps to the exit code: configuration and usage problems are 2,
+//! failed operations (store unreachable, key not found) are 1.
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::auth::store::{AuditEntry, Store};
+use crate::auth::{Actor, Authenticator, MintError, MintRequest, OpContext};
+use crate::config::{Config, StoreBackend};
+use crate::keys_api::{list_json, minted_json, rfc3339};
+use crate::logging::{self, Sink};
+use crate::metrics::Metrics;
+
+#[derive(Debug)]
+pub enum Failure {
+    /// Every configuration problem, each naming its key (exit 2).
+    Config(Vec<String>),
+    /// Bad command-line value (exit 2).
+    Usage(String),
+    /// The operation failed (exit 1).
+    Operation(String),
+}
+
+fn load(path: &Path) -> Result<Config, Failure> {
+    let config =
+        Config::load(path).map_err(|e| Failure::Config(e.problems.iter().map(|p| p.to_string()).collect()))?;
+    if let Some(tls) = &config.listen.tls {
+        crate::tls::TlsAcceptor::new(tls)
+            .map_err(|e| Failure::Config(vec![format!("listen.tls: {e}")]))?;
+    }
+    Ok(config)
+}
+
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, Failure> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all()
+        .build()
+        .map_err(|e| Failure::Operation(format!("cannot start the runtime: {e}")))
+}
+
+pub fn check(path: &Path) -> Result<(), Failure> {
+    let config = load(path)?;
+    print!("{}", config.to_redacted_toml());
+    Ok(())
+}
+
+pub fn serve(path: &Path) -> Result<(), Failure> {
+    let config = load(path)?;
+    logging::init(&config.log, Sink::Stdout);
+    let rt = runtime(config.runtime.worker_threads)?;
+    rt.block_on(async move {
+        if matches!(config.store.backend, StoreBackend::Memory) {
+            tracing::warn!("store.backend = \"memory\": keys live in this process only (demo and tests)");
+        }
+        let store = Store::from_config(&config.store, &config.tenant.slug)
+            .map_err(|e| Failure::Config(vec![format!("store: {e}")]))?;
+        let listeners = crate::app::Listeners::bind(&config)
+            .await
+            .map_err(|e| Failure::Operation(format!("cannot bind {e}")))?;
+        let (trigger, signal) = crate::shutdown::channel();
+        spawn_signal_handler(trigger);
+        tracing::info!(
+            listen = %config.listen.addr,
+            admin = %config.admin.addr,
+            tenant = %config.tenant.slug,
+            "keygate serving"
+        );
+        crate::app::run(config, store, listeners, signal)
+            .await
+            .map_err(Failure::Operation)?;
+        tracing::info!("keygate stopped");
+        Ok(())
+    })
+}
+
+/// SIGTERM/SIGINT: graceful drain; a second one exits at once.
+fn spawn_signal_handler(trigger: crate::shutdown::Trigger) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("shutdown requested; draining in-flight requests");
+        trigger.fire();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(0);
+    });
+}
+
+/// `cli:<os user>`.
+pub fn os_user() -> String {
+    for var in ["USER", "LOGNAME"] {
+        if let Ok(u) = std::env::var(var) {
+            if !u.is_empty() {
+                return u;
+            }
+        }
+    }
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if let (Some(uid), Ok(passwd)) = (uid, std::fs::read_to_string("/etc/passwd")) {
+        for line in passwd.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() > 2 && f[2] == uid.to_string() {
+                return f[0].to_string();
+            }
+        }
+    }
+    uid.map(|u| format!("uid{u}")).unwrap_or_else(|| "unknown".into())
+}
+
+fn cli_context() -> OpContext {
+    OpContext {
+        actor: Actor(format!("cli:{}", os_user())),
+        client: Some("cli".into()),
+        user_agent: Some(concat!("keygate-cli/", env!("CARGO_PKG_VERSION")).into()),
+    }
+}
+
+/// Run `f` against the configured store (pinged first, so an unreachable
+/// store is one clear line and exit 1).
+fn with_keys<T>(
+    path: &Path,
+    f: impl AsyncFnOnce(&Config, &Authenticator) -> Result<T, Failure>,
+) -> Result<T, Failure> {
+    let config = load(path)?;
+    logging::init(&config.log, Sink::Stderr);
+    let rt = runtime(1)?;
+    rt.block_on(async {
+        if matches!(config.store.backend, StoreBackend::Memory) {
+            return Err(Failure::Operation(
+                "store.backend is \"memory\": keys would vanish with this process; configure redis".into(),
+            ));
+        }
+        let store = Store::from_config(&config.store, &config.tenant.slug)
+            .map_err(|e| Failure::Config(vec![format!("store: {e}")]))?;
+        store.ping().await.map_err(|e| Failure::Operation(e.to_string()))?;
+        let auth = Authenticator::start(&config, store, std::sync::Arc::new(Metrics::new()));
+        f(&config, &auth).await
+    })
+}
+
+/// `30d`, `12h`, `90m`, `45s`.
+pub fn parse_lifetime(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        "w" => n.checked_mul(7 * 86_400)?,
+        _ => return None,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+pub fn keys_mint(
+    path: &Path,
+    name: Option<String>,
+    expires_in: Option<String>,
+    json: bool,
+) -> Result<(), Failure> {
+    let expires_at = match expires_in {
+        None => None,
+        Some(s) => {
+            let d = parse_lifetime(&s).ok_or_else(|| {
+                Failure::Usage(format!(
+                    "--expires-in: '{s}' is not a duration like 30d, 12h or 90m"
+                ))
+            })?;
+            Some(Utc::now() + chrono::Duration::from_std(d).map_err(|_| Failure::Usage("--expires-in: too large".into()))?)
+        }
+    };
+    if let Some(n) = &name {
+        if n.chars().count() > crate::keys_api::MAX_NAME_CHARS {
+            return Err(Failure::Usage("--name: longer than 100 characters".into()));
+        }
+    }
+    with_keys(path, async |config, auth| {
+        let req = MintRequest {
+            name,
+            expires_at,
+            enforce_ceiling: false,
+        };
+        let minted = match auth.keys().mint(req, &cli_context()).await {
+            Ok(m) => m,
+            Err(MintError::Store(e)) => return Err(Failure::Operation(e.to_string())),
+            Err(MintError::CeilingReached) => {
+                return Err(Failure::Operation("org api token mint ceiling exceeded".into()))
+            }
+        };
+        if minted.over_ceiling {
+            eprintln!(
+                "warning: tenant now has more than keys.max_live = {} live keys (CLI break-glass)",
+                config.keys.max_live
+            );
+        }
+        if json {
+            println!("{}", minted_json(&minted));
+        } else {
+            println!("{}", minted.token.expose());
+            let r = &minted.record;
+            eprintln!("id:         {}", r.id);
+            eprintln!("prefix:     {}", r.prefix);
+            eprintln!("name:       {}", r.name.as_deref().unwrap_or("-"));
+            eprintln!("created_by: {}", r.created_by);
+            eprintln!(
+                "expires_at: {}",
+                r.expires_at.as_ref().map(rfc3339).unwrap_or_else(|| "never".into())
+            );
+            eprintln!("{}", crate::keys_api::MINT_WARNING);
+        }
+        Ok(())
+    })
+}
+
+pub fn keys_list(path: &Path, json: bool) -> Result<(), Failure> {
+    with_keys(path, async |_, auth| {
+        let records = auth
+            .keys()
+            .list()
+            .await
+            .map_err(|e| Failure::Operation(e.to_string()))?;
+        if json {
+            println!("{}", list_json(&records));
+            return Ok(());
+        }
+        let rows: Vec<[String; 7]> = records
+            .iter()
+            .map(|r| {
+                [
+                    r.id.clone(),
+                    r.prefix.clone(),
+                    r.name.clone().unwrap_or_else(|| "-".into()),
+                    r.created_by.clone(),
+                    rfc3339(&r.created_at),
+                    r.last_used_at.as_ref().map(rfc3339).unwrap_or_else(|| "-".into()),
+                    r.expires_at.as_ref().map(rfc3339).unwrap_or_else(|| "never".into()),
+                ]
+            })
+            .collect();
+        print_table(
+            &["ID", "PREFIX", "NAME", "CREATED_BY", "CREATED_AT", "LAST_USED_AT", "EXPIRES_AT"],
+            &rows,
+        );
+        Ok(())
+    })
+}
+
+pub fn keys_revoke(path: &Path, id: &str) -> Result<(), Failure> {
+    with_keys(path, async |_, auth| {
+        match auth.keys().revoke(id, &cli_context()).await {
+            Ok(true) => {
+                println!("revoked {id}");
+                Ok(())
+            }
+            Ok(false) => Err(Failure::Operation("not found or already revoked".into())),
+            Err(e) => Err(Failure::Operation(e.to_string())),
+        }
+    })
+}
+
+pub fn audit(path: &Path, since: Option<String>, json: bool) -> Result<(), Failure> {
+    let since = match since {
+        None => None,
+        Some(s) => Some(
+            DateTime::parse_from_rfc3339(&s)
+                .map_err(|_| Failure::Usage(format!("--since: '{s}' is not an RFC 3339 time")))?
+                .with_timezone(&Utc),
+        ),
+    };
+    with_keys(path, async |_, auth| {
+        let entries = auth
+            .keys()
+            .audit(since)
+            .await
+            .map_err(|e| Failure::Operation(e.to_string()))?;
+        if json {
+            for e in &entries {
+                println!("{}", audit_json(e));
+            }
+            return Ok(());
+        }
+        let rows: Vec<[String; 7]> = entries
+            .iter()
+            .map(|e| {
+                [
+                    rfc3339(&e.time),
+                    e.actor.clone(),
+                    e.action.clone(),
+                    e.key_id.clone(),
+                    e.prefix.clone(),
+                    e.client.clone().unwrap_or_else(|| "-".into()),
+                    e.user_agent.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        print_table(
+            &["TIME", "ACTOR", "ACTION", "KEY_ID", "PREFIX", "CLIENT", "USER_AGENT"],
+            &rows,
+        );
+        Ok(())
+    })
+}
+
+pub fn audit_json(e: &AuditEntry) -> serde_json::Value {
+    serde_json::json!({
+        "time": rfc3339(&e.time),
+        "actor": e.actor,
+        "action": e.action,
+        "key_id": e.key_id,
+        "prefix": e.prefix,
+        "name": e.name,
+        "client": e.client,
+        "user_agent": e.user_agent,
+    })
+}
+
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(|h| h.len());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths.iter()).enumerate() {
+            if i + 1 == N {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+pub fn demo(port: u16) -> Result<(), Failure> {
+    let rt = runtime(0)?;
+    rt.block_on(crate::demo::run(port))
+}

@@ -1,1 +1,489 @@
-//! TODO
+//! Stage 6: forward to the app. Header hygiene happens here, in one pass over
+//! the request headers: hop-by-hop and `Connection`-named headers go, client
+//! copies of identity headers go (in every spelling an app framework may fold
+//! into the same name), then keygate's own headers are *inserted* — the
+//! principal header last, and only from a [`Principal`], so no code path can
+//! forward an org-key request without a successful check.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ipnet::IpNet;
+
+use crate::auth::Principal;
+use crate::config::Config;
+use crate::error::Rejection;
+use crate::metrics::Metrics;
+use crate::shutdown::Tracker;
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Who the forwarded request is from, as far as the app is told.
+pub enum Identity {
+    /// A valid org key: the principal header is set, Authorization removed or replaced.
+    OrgKey(Principal),
+    /// Anonymous or a credential keygate does not own: forwarded untouched.
+    Passthrough,
+}
+
+/// Per-connection facts the forwarder needs (computed once per connection).
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The peer address as a header value (X-Forwarded-For).
+    pub peer_header: HeaderValue,
+    /// Whether the peer is in `listen.trusted_proxies`.
+    pub trusted: bool,
+    pub tls: bool,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, trusted_proxies: &[IpNet], tls: bool) -> ConnInfo {
+        let ip = peer.ip().to_canonical();
+        let peer_header =
+            HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        ConnInfo {
+            peer,
+            peer_header,
+            trusted: trusted_proxies.iter().any(|net| net.contains(&ip)),
+            tls,
+        }
+    }
+}
+
+/// The body keygate sends back: its own small JSON, or the app's streamed body.
+pub enum ProxyBody {
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+impl ProxyBody {
+    pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Full(Some(bytes.into()))
+    }
+    pub fn empty() -> ProxyBody {
+        ProxyBody::Full(None)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Upstream(inc) => Pin::new(inc).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Upstream(inc) => inc.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Upstream(inc) => inc.size_hint(),
+        }
+    }
+}
+
+/// The client's request body on its way to the app: streamed as is, trailers dropped.
+pub struct RequestBody(Incoming);
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match Pin::new(&mut self.0).poll_frame(cx) {
+            // Trailers are always the last frame: dropping them ends the body.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => Poll::Ready(None),
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Request headers never forwarded: hop-by-hop (RFC 9110 §7.6.1 and the legacy
+/// ones), and `Expect` (keygate already answered `100-continue` when it read the body).
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
+
+/// Headers whose client copies are always dropped because keygate sets them or
+/// because apps trust them for routing/identity.
+const IDENTITY_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-uri",
+    "x-forwarded-prefix",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// `a_b.C` → `a-b-c`: the spellings app frameworks fold into one header name
+/// (CGI/WSGI/Rack turn `-` and `_` into the same variable; some also `.`).
+fn folds_to(name: &[u8], target: &[u8]) -> bool {
+    name.len() == target.len()
+        && name.iter().zip(target).all(|(&a, &b)| {
+            let a = match a {
+                b'_' | b'.' => b'-',
+                c => c.to_ascii_lowercase(),
+            };
+            a == b
+        })
+}
+
+pub struct Forwarder {
+    client: Client<Connector, RequestBody>,
+    scheme: Scheme,
+    authority: Authority,
+    timeout: Duration,
+    principal_header: HeaderName,
+    /// `Bearer <upstream.authorization>`, marked sensitive.
+    authorization: Option<HeaderValue>,
+}
+
+impl Forwarder {
+    pub fn new(config: &Config) -> Result<Forwarder, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.upstream.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let tls = crate::tls::upstream_client_config(config.upstream.ca_file.as_deref())
+            .map_err(|e| format!("upstream.ca_file: {e}"))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(4096)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .set_host(false)
+            .build(connector);
+        let url = &config.upstream.url;
+        let authorization = match &config.upstream.authorization {
+            Some(secret) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {}", secret.expose()))
+                    .map_err(|_| "upstream.authorization: not a valid header value".to_string())?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(Forwarder {
+            client,
+            scheme: url.scheme().cloned().unwrap_or(Scheme::HTTP),
+            authority: url
+                .authority()
+                .cloned()
+                .ok_or_else(|| "upstream.url: missing host".to_string())?,
+            timeout: config.upstream.timeout,
+            principal_header: config.auth.principal_header.clone(),
+            authorization,
+        })
+    }
+
+    /// Forward one admitted request; returns the app's response (hop-by-hop
+    /// headers removed) or the rejection to answer with.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn forward(
+        &self,
+        mut parts: Parts,
+        body: Incoming,
+        identity: Identity,
+        conn: &ConnInfo,
+        request_id: &HeaderValue,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        tunnels: &Tracker,
+        metrics: &Metrics,
+    ) -> Result<Response<ProxyBody>, Rejection> {
+        let websocket = client_upgrade.is_some();
+        let host = forwarded_host(&parts);
+        self.clean_request_headers(&mut parts.headers, conn);
+        let headers = &mut parts.headers;
+        if let Some(host) = &host {
+            headers.insert(header::HOST, host.clone());
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        );
+        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        if websocket {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        if let Identity::OrgKey(principal) = &identity {
+            headers.remove(header::AUTHORIZATION);
+            if let Some(auth) = &self.authorization {
+                headers.insert(header::AUTHORIZATION, auth.clone());
+            }
+            // Last, with insert: nothing before can have removed or duplicated it.
+            headers.insert(
+                self.principal_header.clone(),
+                principal.header_value().clone(),
+            );
+        }
+
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let Ok(uri) = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+        else {
+            return Err(Rejection::BadTarget);
+        };
+        let mut req = Request::new(RequestBody(body));
+        *req.method_mut() = parts.method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = parts.headers;
+
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        metrics
+            .upstream_duration
+            .observe(started.elapsed().as_secs_f64());
+        let mut resp = match result {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %ErrorChain(&err), "upstream request failed");
+                return Err(Rejection::UpstreamUnreachable);
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?self.timeout, "upstream response head timed out");
+                return Err(Rejection::UpstreamTimeout);
+            }
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let guard = tunnels.track();
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((client, upstream)) => {
+                            let mut client = TokioIo::new(client);
+                            let mut upstream = TokioIo::new(upstream);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        }
+                        Err(err) => tracing::debug!(error = %err, "websocket upgrade failed"),
+                    }
+                });
+                let (mut parts, body) = resp.into_parts();
+                clean_response_headers(&mut parts.headers, true);
+                parts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+                return Ok(Response::from_parts(parts, ProxyBody::Upstream(body)));
+            }
+            // A 101 to a request that did not ask for a WebSocket: never tunnel.
+            tracing::warn!("upstream answered 101 to a request without an allowed upgrade");
+            return Err(Rejection::UpstreamUnreachable);
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        clean_response_headers(&mut parts.headers, false);
+        parts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+    }
+
+    /// One pass over the client's headers: collect what must go, then remove it.
+    fn clean_request_headers(&self, headers: &mut HeaderMap, conn: &ConnInfo) {
+        let mut doomed: Vec<HeaderName> = Vec::new();
+        let principal = self.principal_header.as_str().as_bytes();
+        for name in headers.keys() {
+            let s = name.as_str();
+            if is_hop_by_hop(s) || s == "expect" {
+                doomed.push(name.clone());
+                continue;
+            }
+            let b = s.as_bytes();
+            if folds_to(b, principal) || IDENTITY_HEADERS.iter().any(|t| folds_to(b, t.as_bytes())) {
+                doomed.push(name.clone());
+            }
+        }
+        // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+        for value in headers.get_all(header::CONNECTION) {
+            if let Ok(v) = value.to_str() {
+                for token in v.split(',') {
+                    if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                        doomed.push(name);
+                    }
+                }
+            }
+        }
+        // Keep the client's X-Forwarded-For only from a trusted proxy.
+        let xff = if conn.trusted {
+            let mut joined = String::new();
+            for v in headers.get_all(&X_FORWARDED_FOR) {
+                if let Ok(v) = v.to_str() {
+                    if !joined.is_empty() {
+                        joined.push_str(", ");
+                    }
+                    joined.push_str(v);
+                }
+            }
+            if joined.is_empty() {
+                conn.peer_header.clone()
+            } else {
+                joined.push_str(", ");
+                joined.push_str(conn.peer_header.to_str().unwrap_or("unknown"));
+                HeaderValue::from_str(&joined).unwrap_or_else(|_| conn.peer_header.clone())
+            }
+        } else {
+            conn.peer_header.clone()
+        };
+        for name in doomed {
+            headers.remove(&name);
+        }
+        // HTTP/2 may split cookies over several fields; an HTTP/1.1 app expects one.
+        if headers.get_all(header::COOKIE).iter().nth(1).is_some() {
+            let joined = headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join("; ");
+            if let Ok(v) = HeaderValue::from_str(&joined) {
+                headers.insert(header::COOKIE, v);
+            }
+        }
+        headers.insert(X_FORWARDED_FOR.clone(), xff);
+    }
+}
+
+/// The Host to send: as received for HTTP/1.1 (it passed the gate); from
+/// `:authority` for HTTP/2.
+fn forwarded_host(parts: &Parts) -> Option<HeaderValue> {
+    if parts.version == Version::HTTP_2 {
+        if let Some(a) = parts.uri.authority() {
+            return HeaderValue::from_str(a.as_str()).ok();
+        }
+    }
+    parts.headers.get(header::HOST).cloned()
+}
+
+/// Remove hop-by-hop headers from the app's response (keeping Upgrade and
+/// Connection on a 101 that keygate tunnels).
+pub fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let s = name.as_str();
+        if upgrade && (s == "upgrade" || s == "connection") {
+            continue;
+        }
+        if is_hop_by_hop(s) {
+            doomed.push(name.clone());
+        }
+    }
+    if !upgrade {
+        for value in headers.get_all(header::CONNECTION) {
+            if let Ok(v) = value.to_str() {
+                for token in v.split(',') {
+                    if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                        doomed.push(name);
+                    }
+                }
+            }
+        }
+    }
+    for name in doomed {
+        headers.remove(&name);
+    }
+}
+
+/// Whether a request asks for a WebSocket upgrade keygate may tunnel
+/// (HTTP/1.1 GET with `Upgrade: websocket` and `Connection: upgrade`).
+pub fn is_websocket_upgrade(parts_method: &Method, version: Version, headers: &HeaderMap) -> bool {
+    if parts_method != Method::GET || version != Version::HTTP_11 {
+        return false;
+    }
+    let upgrade_ws = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let conn_upgrade = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .unwrap_or(false)
+    });
+    upgrade_ws && conn_upgrade
+}
+
+/// Formats an error with its source chain (for logs only).
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+/// Shared handle type used by the app.
+pub type SharedForwarder = Arc<Forwarder>;

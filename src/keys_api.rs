@@ -1,1 +1,268 @@
-//! TODO
+//! Stage 5: `/org/tokens` (contract §5), answered by keygate itself, never
+//! forwarded. Callers are a valid org key, or — with `[session]` configured
+//! and no Authorization header — a browser session that `verify_url` confirms.
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::auth::store::KeyRecord;
+use crate::auth::{Actor, MintError, MintRequest, Minted, OpContext};
+use crate::error::Rejection;
+use crate::forward::{ConnInfo, Identity, ProxyBody};
+use crate::proxy::json_response;
+use crate::request::KeysRoute;
+use crate::session::{self, Verdict};
+
+/// Largest `POST /org/tokens` body keygate reads.
+pub const MAX_BODY: usize = 16 * 1024;
+/// Longest key name, in characters.
+pub const MAX_NAME_CHARS: usize = 100;
+
+pub const MINT_WARNING: &str =
+    "Store this token now: it is shown only once and cannot be recovered.";
+
+pub async fn handle(
+    app: &App,
+    conn: &ConnInfo,
+    route: &KeysRoute,
+    parts: Parts,
+    body: Incoming,
+    identity: Identity,
+    request_id: &HeaderValue,
+) -> Result<Response<ProxyBody>, Rejection> {
+    // Who is asking: a key, or a verified browser session.
+    let (actor, by_session) = match identity {
+        Identity::OrgKey(p) => (Actor(format!("org-key:{}", p.prefix())), false),
+        Identity::Passthrough => {
+            let user_id = session_user(app, &parts).await?;
+            (Actor(format!("session:{user_id}")), true)
+        }
+    };
+    if by_session
+        && (parts.method == Method::POST || parts.method == Method::DELETE)
+        && !session::origin_allowed(&parts.headers, app.gate.served_hosts())
+    {
+        return Err(Rejection::CrossSiteOrigin);
+    }
+    let ctx = OpContext {
+        actor,
+        client: Some(conn.peer.ip().to_canonical().to_string()),
+        user_agent: parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    };
+    let keys = app.auth.keys();
+    match (route, &parts.method) {
+        (KeysRoute::Collection, &Method::GET) => {
+            let records = keys.list().await.map_err(store_down)?;
+            Ok(ok_json(&list_json(&records), request_id))
+        }
+        (KeysRoute::Collection, &Method::POST) => {
+            let req = read_mint_request(body).await?;
+            match keys.mint(req, &ctx).await {
+                Ok(minted) => Ok(ok_json(&minted_json(&minted), request_id)),
+                Err(MintError::CeilingReached) => Err(Rejection::MintCeiling),
+                Err(MintError::Store(e)) => Err(store_down(e)),
+            }
+        }
+        (KeysRoute::Item(id), &Method::DELETE) => {
+            match keys.revoke(id, &ctx).await.map_err(store_down)? {
+                true => Ok(ok_json(&json!({ "revoked": id }), request_id)),
+                false => Err(Rejection::TokenNotFound),
+            }
+        }
+        (KeysRoute::Item(_), _) | (KeysRoute::Collection, _) => {
+            Err(Rejection::KeysMethodNotAllowed)
+        }
+        (KeysRoute::Unknown, _) => Err(Rejection::NotFound),
+    }
+}
+
+fn store_down(err: crate::auth::store::StoreError) -> Rejection {
+    tracing::warn!(error = %err, "key store call failed on /org/tokens");
+    Rejection::StoreUnavailable
+}
+
+/// A browser session for a request without Authorization, or 401/503.
+async fn session_user(app: &App, parts: &Parts) -> Result<String, Rejection> {
+    let (Some(verifier), Some(cfg)) = (&app.sessions, &app.config.session) else {
+        return Err(Rejection::Unauthorized);
+    };
+    if parts.headers.contains_key(header::AUTHORIZATION) {
+        return Err(Rejection::Unauthorized);
+    }
+    let Some(cookie) = session::cookie_value(&parts.headers, &cfg.cookie) else {
+        return Err(Rejection::Unauthorized);
+    };
+    match verifier.verify(cookie).await {
+        Ok(Verdict::Member { user_id }) => Ok(user_id),
+        Ok(Verdict::NotMember) => Err(Rejection::Unauthorized),
+        Err(err) => {
+            tracing::warn!(error = %err, "session verification failed");
+            Err(Rejection::SessionVerifierUnavailable)
+        }
+    }
+}
+
+async fn read_mint_request(body: Incoming) -> Result<MintRequest, Rejection> {
+    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(err) => {
+            if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                return Err(Rejection::PayloadTooLarge);
+            }
+            return Err(Rejection::BadRequest("bad request: unreadable body"));
+        }
+    };
+    parse_mint_request(&bytes, Utc::now())
+}
+
+/// `{"name": "...", "expires_at": "RFC 3339"}`, both optional; empty body allowed.
+pub fn parse_mint_request(bytes: &[u8], now: DateTime<Utc>) -> Result<MintRequest, Rejection> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(MintRequest {
+            name: None,
+            expires_at: None,
+            enforce_ceiling: true,
+        });
+    }
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|_| Rejection::BadRequest("bad request: invalid JSON"))?;
+    let Value::Object(obj) = value else {
+        return Err(Rejection::BadRequest(
+            "bad request: body must be a JSON object",
+        ));
+    };
+    let name = match obj.get("name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            if s.chars().count() > MAX_NAME_CHARS {
+                return Err(Rejection::BadRequest(
+                    "bad request: name is longer than 100 characters",
+                ));
+            }
+            if s.chars().any(|c| c.is_control()) {
+                return Err(Rejection::BadRequest(
+                    "bad request: name contains control characters",
+                ));
+            }
+            Some(s.clone())
+        }
+        Some(_) => return Err(Rejection::BadRequest("bad request: name must be a string")),
+    };
+    let expires_at = match obj.get("expires_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            let t = DateTime::parse_from_rfc3339(s)
+                .map_err(|_| {
+                    Rejection::BadRequest("bad request: expires_at must be an RFC 3339 timestamp")
+                })?
+                .with_timezone(&Utc);
+            if t <= now {
+                return Err(Rejection::BadRequest(
+                    "bad request: expires_at is in the past",
+                ));
+            }
+            Some(t)
+        }
+        Some(_) => {
+            return Err(Rejection::BadRequest(
+                "bad request: expires_at must be an RFC 3339 timestamp",
+            ))
+        }
+    };
+    Ok(MintRequest {
+        name,
+        expires_at,
+        enforce_ceiling: true,
+    })
+}
+
+pub fn rfc3339(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn opt_time(t: &Option<DateTime<Utc>>) -> Value {
+    t.as_ref().map(|t| Value::String(rfc3339(t))).unwrap_or(Value::Null)
+}
+
+/// The `GET /org/tokens` object (also `keygate keys list --json`).
+pub fn list_json(records: &[KeyRecord]) -> Value {
+    let tokens: Vec<Value> = records
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.id,
+                "prefix": r.prefix,
+                "name": r.name,
+                "created_by": r.created_by,
+                "created_at": rfc3339(&r.created_at),
+                "last_used_at": opt_time(&r.last_used_at),
+                "expires_at": opt_time(&r.expires_at),
+            })
+        })
+        .collect();
+    json!({ "count": tokens.len(), "tokens": tokens })
+}
+
+/// The `POST /org/tokens` object (also `keygate keys mint --json`).
+pub fn minted_json(m: &Minted) -> Value {
+    json!({
+        "id": m.record.id,
+        "prefix": m.record.prefix,
+        "name": m.record.name,
+        "expires_at": opt_time(&m.record.expires_at),
+        "auth_token": m.token.expose(),
+        "warning": MINT_WARNING,
+    })
+}
+
+fn ok_json(v: &Value, request_id: &HeaderValue) -> Response<ProxyBody> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    json_response(StatusCode::OK, Bytes::from(body), request_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn mint_body_rules() {
+        let ok = |b: &str| parse_mint_request(b.as_bytes(), now()).is_ok();
+        assert!(ok(""));
+        assert!(ok("  \n"));
+        assert!(ok("{}"));
+        assert!(ok(r#"{"name":"ci"}"#));
+        assert!(ok(r#"{"name":null,"expires_at":null}"#));
+        assert!(ok(r#"{"expires_at":"2027-01-01T00:00:00Z"}"#));
+        assert!(ok(r#"{"expires_at":"2027-01-01T01:00:00+01:00"}"#));
+        assert!(ok(&format!(r#"{{"name":"{}"}}"#, "é".repeat(100))));
+        assert!(!ok(&format!(r#"{{"name":"{}"}}"#, "a".repeat(101))));
+        assert!(!ok("{"));
+        assert!(!ok("[]"));
+        assert!(!ok("null"));
+        assert!(!ok(r#""x""#));
+        assert!(!ok(r#"{"name":5}"#));
+        assert!(!ok(r#"{"name":["a"]}"#));
+        assert!(!ok(r#"{"expires_at":5}"#));
+        assert!(!ok(r#"{"expires_at":"tomorrow"}"#));
+        assert!(!ok(r#"{"expires_at":"2027-01-01"}"#));
+        assert!(!ok(r#"{"expires_at":"2025-01-01T00:00:00Z"}"#));
+        assert!(!ok(r#"{"expires_at":"2026-01-01T00:00:00Z"}"#));
+    }
+}

@@ -1,1 +1,423 @@
-//! TODO
+//! The public listener: an accept loop that never dies on an accept error,
+//! one task per connection, HTTP/1.1 and HTTP/2 (prior knowledge on
+//! cleartext, ALPN over TLS) via hyper-util's auto builder, and the limits:
+//! `max_connections`, header and idle timeouts (enforced by [`ConnIo`], which
+//! also covers the HTTP/2 preface and idle HTTP/2 connections), header count
+//! and size.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
+
+use crate::app::App;
+use crate::forward::{ConnInfo, ProxyBody};
+use crate::metrics::ConnectionGuard;
+use crate::shutdown::{Signal, Tracker};
+use crate::tls::TlsAcceptor;
+
+/// Largest request head (request line + headers) keygate reads: 64 KiB → 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Most request header fields: 100 → 431 beyond.
+pub const MAX_HEADERS: usize = 100;
+
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    tls: Option<Arc<TlsAcceptor>>,
+    mut shutdown: Signal,
+) {
+    let limits = Arc::new(Semaphore::new(app.config.listen.max_connections));
+    let connections = Tracker::default();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    if let Some(tls) = &tls {
+        spawn_reload_on_sighup(tls.clone(), shutdown.clone());
+    }
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        // Hold a connection slot before accepting: at the limit, new clients
+        // wait in the kernel backlog instead of being accepted and dropped.
+        let permit = tokio::select! {
+            p = limits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.recv() => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.recv() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(err) => {
+                // EMFILE/ENFILE/ECONNABORTED…: log, back off, keep serving.
+                app.metrics.accept_errors.inc();
+                tracing::error!(error = %err, "accept failed; backing off {:?}", backoff);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let tls = tls.clone();
+        let guard = connections.track();
+        let drain = drain_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _guard = guard;
+            let _open = ConnectionGuard::new(&app.metrics.open_connections);
+            let info = Arc::new(ConnInfo::new(
+                peer,
+                &app.config.listen.trusted_proxies,
+                tls.is_some(),
+            ));
+            match tls {
+                None => serve_connection(stream, app, info, drain).await,
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => serve_connection(stream, app, info, drain).await,
+                    Err(err) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+                },
+            }
+        });
+    }
+    drop(listener);
+    // Drain: in-flight requests and tunnels get `shutdown_grace` to finish.
+    let _ = drain_tx.send(true);
+    let grace = app.config.listen.shutdown_grace;
+    let tunnels = app.tunnels.clone();
+    let drained = tokio::time::timeout(grace, async {
+        connections.wait_idle().await;
+        tunnels.wait_idle().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = connections.count(),
+            tunnels = app.tunnels.count(),
+            "shutdown grace elapsed; closing remaining connections"
+        );
+    }
+}
+
+fn spawn_reload_on_sighup(tls: Arc<TlsAcceptor>, mut shutdown: Signal) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install SIGHUP handler; TLS reload disabled");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match tls.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate"),
+                },
+                _ = shutdown.recv() => return,
+            }
+        }
+    });
+}
+
+async fn serve_connection<IO>(
+    io: IO,
+    app: Arc<App>,
+    info: Arc<ConnInfo>,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let listen = &app.config.listen;
+    let state = Arc::new(ConnState::default());
+    let io = ConnIo::new(io, state.clone(), listen.header_timeout, listen.idle_timeout);
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // ConnIo enforces header and idle timeouts for both protocols.
+        .header_read_timeout(None)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEAD_BYTES.max(8192) + 1024)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+
+    let svc_state = state.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let app = app.clone();
+        let info = info.clone();
+        let guard = InflightGuard::new(svc_state.clone());
+        async move {
+            let resp = crate::proxy::handle(app, info, req).await?;
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                guard.state.upgraded.store(true, Ordering::Release);
+            }
+            let (parts, body) = resp.into_parts();
+            Ok::<_, std::convert::Infallible>(Response::from_parts(
+                parts,
+                ConnBody {
+                    inner: body,
+                    _guard: guard,
+                },
+            ))
+        }
+    });
+
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(err) = res {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+            return;
+        }
+        _ = drain.wait_for(|d| *d) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    if let Err(err) = conn.await {
+        tracing::debug!(error = %err, "connection ended with an error during drain");
+    }
+}
+
+/// Per-connection activity shared by [`ConnIo`] and the service.
+#[derive(Default)]
+pub struct ConnState {
+    inflight: AtomicUsize,
+    /// Set once a request was answered with 101, or the connection speaks
+    /// HTTP/2: from then on only the idle rule applies.
+    upgraded: AtomicBool,
+    /// When the first byte of a not-yet-complete request head arrived.
+    head_started: Mutex<Option<Instant>>,
+}
+
+/// Held from the moment a request head is complete until its response body is done.
+struct InflightGuard {
+    state: Arc<ConnState>,
+}
+
+impl InflightGuard {
+    fn new(state: Arc<ConnState>) -> InflightGuard {
+        state.inflight.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut h) = state.head_started.lock() {
+            *h = None;
+        }
+        InflightGuard { state }
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.state.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The response body as sent to the client; keeps the request counted as in
+/// flight until the body is finished (or dropped).
+pub struct ConnBody {
+    inner: ProxyBody,
+    _guard: InflightGuard,
+}
+
+impl Body for ConnBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Client connection I/O with keygate's timeouts:
+/// - no request in flight and a request head started: it must complete within
+///   `header_timeout` (slowloris, including a stalled HTTP/2 preface);
+/// - no request in flight and nothing received: the connection may idle for
+///   `idle_timeout` (keep-alive limit), then it is closed.
+///
+/// The timer is lazy: it is only re-armed when it fires early.
+pub struct ConnIo<T> {
+    inner: T,
+    state: Arc<ConnState>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    last_activity: Instant,
+    timer: Pin<Box<Sleep>>,
+    /// `None` until the first bytes arrive; `Some(true)` for HTTP/2 (prior
+    /// knowledge or ALPN), where requests are multiplexed and only the idle
+    /// rule applies once the preface is in.
+    http2: Option<bool>,
+}
+
+impl<T> ConnIo<T> {
+    fn new(
+        inner: T,
+        state: Arc<ConnState>,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        let now = Instant::now();
+        // A new connection is "a request head in progress" from the start.
+        if let Ok(mut h) = state.head_started.lock() {
+            *h = Some(now);
+        }
+        ConnIo {
+            inner,
+            state,
+            header_timeout,
+            idle_timeout,
+            last_activity: now,
+            timer: Box::pin(tokio::time::sleep_until(now + header_timeout)),
+            http2: None,
+        }
+    }
+
+    /// `Some(deadline)` when a deadline applies now.
+    fn deadline(&self) -> Option<Instant> {
+        if self.state.inflight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        if !self.state.upgraded.load(Ordering::Acquire) {
+            if let Ok(h) = self.state.head_started.lock() {
+                if let Some(started) = *h {
+                    return Some(started + self.header_timeout);
+                }
+            }
+        }
+        Some(self.last_activity + self.idle_timeout)
+    }
+
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(deadline) = self.deadline() else {
+            return Ok(());
+        };
+        loop {
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "client timed out (header or idle timeout)",
+                ));
+            }
+            if self.timer.deadline() > deadline || self.timer.is_elapsed() {
+                self.timer.as_mut().reset(deadline);
+            }
+            match self.timer.as_mut().poll(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(()) => continue,
+            }
+        }
+    }
+}
+
+use std::future::Future;
+
+impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    let now = Instant::now();
+                    this.last_activity = now;
+                    if this.http2.is_none() {
+                        let h2 = buf.filled()[before..].starts_with(b"PRI ");
+                        this.http2 = Some(h2);
+                        if h2 {
+                            this.state.upgraded.store(true, Ordering::Release);
+                        }
+                    }
+                    if this.state.inflight.load(Ordering::Acquire) == 0
+                        && !this.state.upgraded.load(Ordering::Acquire)
+                    {
+                        if let Ok(mut h) = this.state.head_started.lock() {
+                            if h.is_none() {
+                                *h = Some(now);
+                            }
+                        }
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match this.check_deadline(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &res {
+            if *n > 0 {
+                self.last_activity = Instant::now();
+            }
+        }
+        res
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &res {
+            if *n > 0 {
+                self.last_activity = Instant::now();
+            }
+        }
+        res
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Plain TCP and TLS streams both go through [`serve_connection`].
+pub type PlainStream = TcpStream;
