@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
 use super::token::KeyHash;
-use crate::config::StoreConfig;
+use crate::config::{StoreBackend, StoreConfig};
 
 /// One key's metadata, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,62 +96,160 @@ impl Store {
     /// Build the configured store for tenant `slug`. Does not fail when the
     /// server is down (keygate must start and recover by itself); it fails only
     /// for an unusable configuration. Use [`Store::ping`] to check reachability.
-    pub fn from_config(_config: &StoreConfig, _slug: &str) -> Result<Store, StoreError> {
-        todo!("store helper")
+    pub fn from_config(config: &StoreConfig, slug: &str) -> Result<Store, StoreError> {
+        match &config.backend {
+            StoreBackend::Memory => Ok(Store::memory(slug)),
+            StoreBackend::Redis(target) => Ok(Store::Redis(Arc::new(redis::RedisStore::new(
+                target,
+                slug,
+                config.timeout,
+            )?))),
+        }
+    }
+
+    /// `"memory"` or `"redis"` (for logs and readiness bodies).
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Store::Memory(_) => "memory",
+            Store::Redis(_) => "redis",
+        }
     }
 
     /// Look a key up by token hash (the record even if revoked/expired, or None).
-    pub async fn lookup(&self, _hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
-        todo!("store helper")
+    pub async fn lookup(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.lookup(hash)),
+            Store::Redis(r) => r.lookup(hash).await,
+        }
     }
 
     /// Atomically store a new key (and its audit entry); with `ceiling`, refuse
     /// when the tenant already has that many live keys.
     pub async fn mint(
         &self,
-        _hash: &KeyHash,
-        _record: &KeyRecord,
-        _ceiling: Option<u32>,
-        _audit: &AuditEntry,
+        hash: &KeyHash,
+        record: &KeyRecord,
+        ceiling: Option<u32>,
+        audit: &AuditEntry,
     ) -> Result<MintOutcome, StoreError> {
-        todo!("store helper")
+        match self {
+            Store::Memory(m) => m.mint(hash, record, ceiling, audit),
+            Store::Redis(r) => r.mint(hash, record, ceiling, audit).await,
+        }
     }
 
     /// Live keys (unrevoked, unexpired), newest first.
     pub async fn list_live(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        todo!("store helper")
+        match self {
+            Store::Memory(m) => Ok(m.list_live()),
+            Store::Redis(r) => r.list_live().await,
+        }
     }
 
     /// Atomically mark the live key `id` revoked, append the audit entry and
-    /// publish the revocation on the feed. `Ok(None)`: no live key with that id.
+    /// publish the revocation on the feed. `Ok(None)`: no live key with that id
+    /// (unknown, already revoked, or expired).
     pub async fn revoke(
         &self,
-        _id: &str,
-        _at: DateTime<Utc>,
-        _audit: &AuditEntry,
+        id: &str,
+        at: DateTime<Utc>,
+        audit: &AuditEntry,
     ) -> Result<Option<KeyHash>, StoreError> {
-        todo!("store helper")
+        match self {
+            Store::Memory(m) => Ok(m.revoke(id, at, audit)),
+            Store::Redis(r) => r.revoke(id, at, audit).await,
+        }
     }
 
-    /// Write-behind of `last_used_at` (batched; best effort).
-    pub async fn touch(&self, _updates: &[(KeyHash, DateTime<Utc>)]) -> Result<(), StoreError> {
-        todo!("store helper")
+    /// Write-behind of `last_used_at` (batched; best effort). Unknown hashes
+    /// are skipped; a stored value is only ever moved forward.
+    pub async fn touch(&self, updates: &[(KeyHash, DateTime<Utc>)]) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.touch(updates);
+                Ok(())
+            }
+            Store::Redis(r) => r.touch(updates).await,
+        }
     }
 
     /// Audit entries, oldest first, at or after `since`.
-    pub async fn audit(&self, _since: Option<DateTime<Utc>>) -> Result<Vec<AuditEntry>, StoreError> {
-        todo!("store helper")
+    pub async fn audit(&self, since: Option<DateTime<Utc>>) -> Result<Vec<AuditEntry>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.audit(since)),
+            Store::Redis(r) => r.audit(since).await,
+        }
     }
 
     /// Round-trip to the store (readiness, CLI pre-flight).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        todo!("store helper")
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(r) => r.ping().await,
+        }
     }
 
     /// Start the revocation feed task: it sends `Connected` once subscribed,
     /// `Revoked` per revocation, `Lost` when the subscription drops, and keeps
     /// reconnecting (with back-off) until `events` is closed.
-    pub fn spawn_revocation_feed(&self, _events: mpsc::UnboundedSender<FeedEvent>) {
-        todo!("store helper")
+    ///
+    /// Must be called inside a tokio runtime.
+    pub fn spawn_revocation_feed(&self, events: mpsc::UnboundedSender<FeedEvent>) {
+        match self {
+            Store::Memory(m) => m.spawn_revocation_feed(events),
+            Store::Redis(r) => r.spawn_revocation_feed(events),
+        }
+    }
+}
+
+/// Lower-case hex of a key hash (the form used in Redis key names and messages).
+pub(crate) fn hash_to_hex(hash: &KeyHash) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for b in hash.0 {
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 0x0f)] as char);
+    }
+    s
+}
+
+/// Parse 64 hex digits (either case) into a key hash.
+pub(crate) fn hash_from_hex(s: &str) -> Option<KeyHash> {
+    let bytes = s.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let nibble = |c: u8| -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    };
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        out[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(KeyHash(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let mut h = [0u8; 32];
+        for (i, b) in h.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37);
+        }
+        let hash = KeyHash(h);
+        let hex = hash_to_hex(&hash);
+        assert_eq!(hex.len(), 64);
+        assert_eq!(hash_from_hex(&hex), Some(hash));
+        assert_eq!(hash_from_hex(&hex.to_uppercase()), Some(hash));
+        assert_eq!(hash_from_hex(&hex[..63]), None);
+        assert_eq!(hash_from_hex(&format!("{}g", &hex[..63])), None);
     }
 }
