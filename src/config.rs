@@ -366,7 +366,7 @@ impl Problems {
 }
 
 fn syntax_message(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim().replace('\n', " ");
+    let msg = e.message().trim().replace('\n', "; ");
     match e.span() {
         Some(span) => {
             let start = span.start.min(text.len());
@@ -689,16 +689,21 @@ fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
+/// The shortest exact spelling, except that a minute or less stays in
+/// seconds (`"60s"`, `"90s"`, `"2m"`, `"1h"`, `"250ms"`).
 fn format_duration(d: Duration) -> String {
+    // sub-millisecond remainders (never produced by the parser) round up
     let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
-    if ms != 0 && ms % 3_600_000 == 0 {
-        format!("{}h", ms / 3_600_000)
-    } else if ms != 0 && ms % 60_000 == 0 {
-        format!("{}m", ms / 60_000)
-    } else if ms % 1_000 == 0 {
-        format!("{}s", ms / 1_000)
+    if ms % 1_000 != 0 {
+        return format!("{ms}ms");
+    }
+    let secs = ms / 1_000;
+    if secs != 0 && secs % 3_600 == 0 {
+        format!("{}h", secs / 3_600)
+    } else if secs > 60 && secs % 60 == 0 {
+        format!("{}m", secs / 60)
     } else {
-        format!("{ms}ms")
+        format!("{secs}s")
     }
 }
 
@@ -1521,7 +1526,12 @@ fn render_redacted(c: &Config) -> String {
 
     let u = &c.upstream;
     let _ = writeln!(o, "\n[upstream]");
-    let _ = writeln!(o, "url = {}", toml_string(&u.url.to_string()));
+    // origin only (validated): print it without the `/` that `Uri` adds
+    let origin = match (u.url.scheme_str(), u.url.authority()) {
+        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}"),
+        _ => u.url.to_string(),
+    };
+    let _ = writeln!(o, "url = {}", toml_string(&origin));
     let _ = writeln!(o, "connect_timeout = {}", d(u.connect_timeout));
     let _ = writeln!(o, "timeout = {}", d(u.timeout));
     if u.authorization.is_some() {
