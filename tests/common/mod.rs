@@ -1,0 +1,4 @@
+//! Shared integration-test support: real servers on free ports.
+#![allow(dead_code)]
+
+pub mod redis;
