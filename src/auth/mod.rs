@@ -4,8 +4,38 @@
 //! the local cache and the store, and yields a [`Principal`] — the proof that
 //! `forward` requires for a key-authenticated request.
 //!
-//! OWNER: store helper (this file, cache.rs, store/, principal.rs);
-//! gate helper (credential.rs, token.rs).
+//! OWNER: cache helper (this file, cache.rs, principal.rs); store helper
+//! (store/); gate helper (credential.rs, token.rs).
+//!
+//! # Bounds on store calls
+//!
+//! A request with a well-formed key reaches the store only on a cache miss
+//! (see [`cache`] for when an entry answers). On a miss:
+//!
+//! * **single-flight**: concurrent misses for one token hash share one
+//!   `lookup` (a request arriving after a revocation starts its own);
+//! * **negative cache**: a token the store does not accept is answered 401
+//!   locally for `auth.negative_ttl` (up to [`cache::NEGATIVE_CAPACITY`]
+//!   tokens);
+//! * **concurrency cap**: look-ups of tokens with no cache entry at all hold
+//!   one of [`MAX_UNKNOWN_LOOKUPS`] permits; excess requests wait for a permit
+//!   up to `store.timeout` and then get 503 (`StoreUnavailable`), never 401
+//!   — a valid key is never refused because of a flood. Re-checks of keys
+//!   already in the cache bypass the cap, so a flood of random tokens cannot
+//!   starve the keys in use.
+//!
+//! So a flood of random well-formed tokens costs at most one store call per
+//! distinct token per `negative_ttl` (while the negative cache has room), and
+//! never more than [`MAX_UNKNOWN_LOOKUPS`] such calls at once; each call is
+//! bounded by `store.timeout`, each request by `2 × store.timeout`.
+//!
+//! # Outage policy
+//!
+//! When the store fails (error or timeout) for a key the cache cannot answer:
+//! `reject` → [`AuthError::StoreUnavailable`]; `serve_cached` → the stale
+//! entry answers if its last successful check is within `auth.max_stale`
+//! (even across feed epochs), else `StoreUnavailable`. A key the store could
+//! not check is never answered 401.
 
 pub mod cache;
 pub mod credential;
@@ -13,16 +43,30 @@ pub mod principal;
 pub mod store;
 pub mod token;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch, Semaphore};
 
+use cache::{Cache, Flights, Probe};
 pub use principal::Principal;
-use store::{AuditEntry, KeyRecord, Store, StoreError};
-use token::Token;
+use store::{AuditEntry, FeedEvent, KeyRecord, MintOutcome, Store, StoreError};
+use token::{KeyHash, Token};
 
-use crate::config::Config;
+use crate::config::{Config, OutagePolicy};
 use crate::metrics::Metrics;
+
+/// Concurrent store look-ups for tokens that have no cache entry.
+pub const MAX_UNKNOWN_LOOKUPS: usize = 32;
+
+/// How often queued `last_used_at` updates are written to the store.
+pub const TOUCH_FLUSH_EVERY: Duration = Duration::from_secs(5);
+
+/// Bound on queued `last_used_at` updates (more are dropped until a flush).
+const MAX_PENDING_TOUCHES: usize = 100_000;
 
 /// Why a well-formed org key was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,33 +79,312 @@ pub enum AuthError {
 
 /// Validates org keys: cache first, store on a miss (single-flight), revocation
 /// feed keeps the cache honest.
+///
+/// Dropping the `Authenticator` stops its background tasks (after a last
+/// `last_used_at` flush) and closes the revocation feed.
 pub struct Authenticator {
-    _private: (),
+    keys: KeyService,
+    _stop: watch::Sender<()>,
+}
+
+/// The result of one store look-up, shared by the requests of a flight.
+#[derive(Clone)]
+enum Fetched {
+    Live(Principal),
+    Invalid,
+    Unavailable,
+}
+
+struct Inner {
+    cache: Cache,
+    flights: Flights<Fetched>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    store_timeout: Duration,
+    outage: OutagePolicy,
+    max_stale: Duration,
+    key_prefix: String,
+    max_live: u32,
+    unknown_lookups: Semaphore,
+    touches: Mutex<HashMap<KeyHash, DateTime<Utc>>>,
+    /// Revocations applied in the last minute, so that
+    /// `keygate_revocations_total` counts each once although a revoke served
+    /// here also comes back on the feed (in either order).
+    applied_revocations: Mutex<HashMap<KeyHash, Instant>>,
 }
 
 impl Authenticator {
     /// Build the authenticator and start its background tasks (revocation feed,
     /// last-used write-behind) on the current runtime.
-    pub fn start(_config: &Config, _store: Store, _metrics: Arc<Metrics>) -> Arc<Authenticator> {
-        todo!("store helper")
+    pub fn start(config: &Config, store: Store, metrics: Arc<Metrics>) -> Arc<Authenticator> {
+        let inner = Arc::new(Inner::new(config, store, metrics));
+        let (stop, stopped) = watch::channel(());
+
+        let (events, mut feed) = mpsc::unbounded_channel();
+        inner.store.spawn_revocation_feed(events);
+        let feed_inner = inner.clone();
+        let mut feed_stop = stopped.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    event = feed.recv() => match event {
+                        Some(event) => feed_inner.on_feed(event),
+                        None => {
+                            // The feed task ended: nothing will tell us about
+                            // revocations any more.
+                            feed_inner.on_feed(FeedEvent::Lost);
+                            tracing::error!("revocation feed task ended");
+                            return;
+                        }
+                    },
+                    _ = feed_stop.changed() => return,
+                }
+            }
+        });
+
+        let touch_inner = inner.clone();
+        let mut touch_stop = stopped;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TOUCH_FLUSH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => touch_inner.flush_touches().await,
+                    _ = touch_stop.changed() => {
+                        touch_inner.flush_touches().await;
+                        return;
+                    }
+                }
+            }
+        });
+
+        Arc::new(Authenticator {
+            keys: KeyService { inner },
+            _stop: stop,
+        })
     }
 
     /// Validate a token whose format and checksum already passed
-    /// ([`token::check_format`]).
-    pub async fn authenticate(&self, _token: &str) -> Result<Principal, AuthError> {
-        todo!("store helper")
+    /// ([`token::check_format`]). A cache hit does not yield, allocate, or
+    /// take a lock other than one DashMap shard read.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        self.keys.inner.authenticate(token::hash(token)).await
     }
 
     /// The key management operations (API and CLI) share the cache so that a
     /// revoke served here is effective for the very next request.
     pub fn keys(&self) -> &KeyService {
-        todo!("store helper")
+        &self.keys
     }
 
-    /// Readiness: `(store_ok, feed_live)`.
+    /// Readiness: `(store_ok, feed_live)`; the ping is bounded by `store.timeout`.
     pub async fn readiness(&self) -> (bool, bool) {
-        todo!("store helper")
+        let inner = &self.keys.inner;
+        let store_ok = inner.timed("ping", inner.store.ping()).await.is_ok();
+        (store_ok, inner.cache.feed_live())
     }
+
+    /// Whether the revocation feed is connected (no store call).
+    pub fn feed_live(&self) -> bool {
+        self.keys.inner.cache.feed_live()
+    }
+}
+
+impl Inner {
+    fn new(config: &Config, store: Store, metrics: Arc<Metrics>) -> Inner {
+        let auth = &config.auth;
+        Inner {
+            cache: Cache::new(
+                auth.cache_ttl,
+                auth.cache_capacity,
+                auth.negative_ttl,
+                cache::NEGATIVE_CAPACITY,
+            ),
+            flights: Flights::new(),
+            store,
+            metrics,
+            store_timeout: config.store.timeout,
+            outage: auth.on_store_unavailable,
+            max_stale: auth.max_stale,
+            key_prefix: auth.key_prefix.clone(),
+            max_live: config.keys.max_live,
+            unknown_lookups: Semaphore::new(MAX_UNKNOWN_LOOKUPS),
+            touches: Mutex::new(HashMap::new()),
+            applied_revocations: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn authenticate(&self, hash: KeyHash) -> Result<Principal, AuthError> {
+        let now_ms = self.cache.now_ms();
+        let known = match self.cache.probe(&hash, now_ms) {
+            Probe::Hit { principal, touch } => {
+                self.metrics.cache_hits.inc();
+                if touch {
+                    self.queue_touch(hash);
+                }
+                return Ok(principal);
+            }
+            Probe::Expired => {
+                self.metrics.cache_hits.inc();
+                self.update_size();
+                return Err(AuthError::Invalid);
+            }
+            Probe::Negative => {
+                self.metrics.cache_hits.inc();
+                return Err(AuthError::Invalid);
+            }
+            Probe::Miss { known } => known,
+        };
+        self.metrics.cache_misses.inc();
+        let generation = self.cache.generation();
+        let fetched = self
+            .flights
+            .run(hash, generation, |g| self.fetch(hash, g, known))
+            .await;
+        match fetched {
+            Fetched::Live(principal) => Ok(principal),
+            Fetched::Invalid => Err(AuthError::Invalid),
+            Fetched::Unavailable => match self.outage {
+                OutagePolicy::Reject => Err(AuthError::StoreUnavailable),
+                OutagePolicy::ServeCached => self
+                    .cache
+                    .stale(&hash, self.cache.now_ms(), self.max_stale)
+                    .ok_or(AuthError::StoreUnavailable),
+            },
+        }
+    }
+
+    /// One store look-up; its result goes into the cache unless a revocation
+    /// happened since `generation` (taken before the read).
+    async fn fetch(&self, hash: KeyHash, generation: u64, known: bool) -> Fetched {
+        let _permit = if known {
+            None
+        } else {
+            match tokio::time::timeout(self.store_timeout, self.unknown_lookups.acquire()).await {
+                Ok(Ok(permit)) => Some(permit),
+                Ok(Err(_)) | Err(_) => {
+                    self.metrics
+                        .store_errors
+                        .with_label_values(&["lookup_queue"])
+                        .inc();
+                    tracing::debug!("key store look-up queue full for store.timeout");
+                    return Fetched::Unavailable;
+                }
+            }
+        };
+        let mut at = self.cache.snapshot();
+        at.generation = at.generation.min(generation);
+        let record = match self.timed("lookup", self.store.lookup(&hash)).await {
+            Ok(record) => record,
+            Err(_) => return Fetched::Unavailable,
+        };
+        let now = Utc::now();
+        let record = match record {
+            Some(r) if r.is_live(now) => r,
+            _ => {
+                if self.cache.remove(&hash) {
+                    self.update_size();
+                }
+                self.cache.insert_negative(hash, at.now_ms);
+                return Fetched::Invalid;
+            }
+        };
+        let principal = Principal::new(&record.id, &record.prefix);
+        let expires_in = record
+            .expires_at
+            .map(|e| (e - now).to_std().unwrap_or(Duration::ZERO));
+        if let Some(touch) = self.cache.insert(hash, principal.clone(), expires_in, at) {
+            self.update_size();
+            if touch {
+                self.queue_touch(hash);
+            }
+        }
+        Fetched::Live(principal)
+    }
+
+    /// A revocation served here or learned from the feed.
+    fn apply_revocation(&self, hash: &KeyHash) {
+        self.cache.revoke(hash);
+        self.update_size();
+        let first = {
+            let mut applied = lock(&self.applied_revocations);
+            if applied.len() >= 1024 {
+                applied.retain(|_, t| t.elapsed() < Duration::from_secs(60));
+            }
+            applied.insert(*hash, Instant::now()).is_none()
+        };
+        if first {
+            self.metrics.revocations.inc();
+        }
+    }
+
+    fn on_feed(&self, event: FeedEvent) {
+        match event {
+            FeedEvent::Revoked(hash) => self.apply_revocation(&hash),
+            FeedEvent::Lost => {
+                if self.cache.feed_live() {
+                    tracing::warn!("revocation feed lost: cached keys are re-checked");
+                }
+                self.cache.feed_lost();
+            }
+            FeedEvent::Connected => {
+                tracing::info!("revocation feed connected");
+                self.cache.feed_connected();
+            }
+        }
+    }
+
+    fn update_size(&self) {
+        self.metrics.cache_size.set(self.cache.len() as i64);
+    }
+
+    /// Queue `last_used_at` (never awaited on the request path).
+    fn queue_touch(&self, hash: KeyHash) {
+        let mut touches = lock(&self.touches);
+        if touches.len() < MAX_PENDING_TOUCHES {
+            touches.insert(hash, Utc::now());
+        }
+    }
+
+    async fn flush_touches(&self) {
+        let batch: Vec<(KeyHash, DateTime<Utc>)> = {
+            let mut touches = lock(&self.touches);
+            if touches.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *touches).into_iter().collect()
+        };
+        if let Err(e) = self.timed("touch", self.store.touch(&batch)).await {
+            tracing::debug!(error = %e, dropped = batch.len(), "last_used_at write-behind failed");
+        }
+    }
+
+    /// A store call bounded by `store.timeout`, with its metrics.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.store_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(self.store_timeout)),
+        };
+        self.metrics
+            .store_duration
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.metrics.store_errors.with_label_values(&[op]).inc();
+            tracing::debug!(op, error = %e, "key store call failed");
+        }
+        result
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The maps stay consistent even if a holder panicked.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Who performs a key operation: `org-key:<prefix>`, `session:<user_id>`, `cli:<os user>`.
@@ -96,24 +419,443 @@ pub enum MintError {
     Store(StoreError),
 }
 
+impl std::fmt::Display for MintError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MintError::CeilingReached => f.write_str("org api token mint ceiling exceeded"),
+            MintError::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for MintError {}
+
 /// Mint, list, revoke, audit — for `/org/tokens` and `keygate keys …`.
 pub struct KeyService {
-    _private: (),
+    inner: Arc<Inner>,
 }
 
 impl KeyService {
-    pub async fn mint(&self, _req: MintRequest, _ctx: &OpContext) -> Result<Minted, MintError> {
-        todo!("store helper")
+    /// Key operations without the request path (the `keygate keys` CLI): no
+    /// background task, no revocation feed; store calls bounded by `store.timeout`.
+    pub fn standalone(config: &Config, store: Store, metrics: Arc<Metrics>) -> KeyService {
+        KeyService {
+            inner: Arc::new(Inner::new(config, store, metrics)),
+        }
     }
+
+    /// Mint a key. Name and expiry are validated by the caller.
+    pub async fn mint(&self, req: MintRequest, ctx: &OpContext) -> Result<Minted, MintError> {
+        let inner = &self.inner;
+        let token = token::mint(&inner.key_prefix);
+        let hash = token::hash(token.expose());
+        let now = Utc::now();
+        let record = KeyRecord {
+            id: token::new_key_id(),
+            prefix: token::display_prefix(token.expose()).to_string(),
+            name: req.name,
+            created_by: ctx.actor.0.clone(),
+            created_at: now,
+            expires_at: req.expires_at,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        let audit = AuditEntry {
+            time: now,
+            actor: ctx.actor.0.clone(),
+            action: "mint".into(),
+            key_id: record.id.clone(),
+            prefix: record.prefix.clone(),
+            name: record.name.clone(),
+            client: ctx.client.clone(),
+            user_agent: ctx.user_agent.clone(),
+        };
+        let ceiling = req.enforce_ceiling.then_some(inner.max_live);
+        let outcome = inner
+            .timed("mint", inner.store.mint(&hash, &record, ceiling, &audit))
+            .await
+            .map_err(MintError::Store)?;
+        match outcome {
+            MintOutcome::Minted { live } => {
+                inner.cache.forget_negative(&hash);
+                Ok(Minted {
+                    record,
+                    token,
+                    over_ceiling: live > u64::from(inner.max_live),
+                })
+            }
+            MintOutcome::CeilingReached => Err(MintError::CeilingReached),
+        }
+    }
+
     /// Live keys, newest first.
     pub async fn list(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        todo!("store helper")
+        let inner = &self.inner;
+        inner.timed("list", inner.store.list_live()).await
     }
-    /// `Ok(false)`: no live key with that id.
-    pub async fn revoke(&self, _id: &str, _ctx: &OpContext) -> Result<bool, StoreError> {
-        todo!("store helper")
+
+    /// `Ok(false)`: no live key with that id. On `Ok(true)` the key is already
+    /// refused by this instance (cache entry dropped, generation bumped).
+    pub async fn revoke(&self, id: &str, ctx: &OpContext) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        // The audit entry names the key's prefix and name: read them first.
+        let live = inner.timed("list", inner.store.list_live()).await?;
+        let Some(record) = live.into_iter().find(|r| r.id == id) else {
+            return Ok(false);
+        };
+        let at = Utc::now();
+        let audit = AuditEntry {
+            time: at,
+            actor: ctx.actor.0.clone(),
+            action: "revoke".into(),
+            key_id: record.id,
+            prefix: record.prefix,
+            name: record.name,
+            client: ctx.client.clone(),
+            user_agent: ctx.user_agent.clone(),
+        };
+        match inner
+            .timed("revoke", inner.store.revoke(id, at, &audit))
+            .await?
+        {
+            Some(hash) => {
+                inner.apply_revocation(&hash);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
-    pub async fn audit(&self, _since: Option<DateTime<Utc>>) -> Result<Vec<AuditEntry>, StoreError> {
-        todo!("store helper")
+
+    /// Audit entries, oldest first, at or after `since`.
+    pub async fn audit(&self, since: Option<DateTime<Utc>>) -> Result<Vec<AuditEntry>, StoreError> {
+        let inner = &self.inner;
+        inner.timed("audit", inner.store.audit(since)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeDelta;
+
+    use crate::config::Config;
+
+    fn config() -> Config {
+        Config::for_tests("acme", http::Uri::from_static("http://127.0.0.1:9"))
+    }
+
+    fn ctx() -> OpContext {
+        OpContext {
+            actor: Actor("cli:test".into()),
+            client: Some("127.0.0.1".into()),
+            user_agent: None,
+        }
+    }
+
+    fn lookups(m: &Metrics) -> u64 {
+        m.store_duration
+            .with_label_values(&["lookup"])
+            .get_sample_count()
+    }
+
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn start_with(config: &Config, store: Store) -> (Arc<Authenticator>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let auth = Authenticator::start(config, store, metrics.clone());
+        let a = auth.clone();
+        wait_for("the revocation feed", move || a.feed_live()).await;
+        (auth, metrics)
+    }
+
+    async fn start(config: &Config) -> (Arc<Authenticator>, Arc<Metrics>) {
+        start_with(config, Store::memory("acme")).await
+    }
+
+    async fn mint(auth: &Authenticator, expires_at: Option<DateTime<Utc>>) -> Minted {
+        let req = MintRequest {
+            name: Some("test".into()),
+            expires_at,
+            enforce_ceiling: true,
+        };
+        auth.keys().mint(req, &ctx()).await.expect("mint")
+    }
+
+    fn inner(auth: &Authenticator) -> &Inner {
+        &auth.keys.inner
+    }
+
+    #[tokio::test]
+    async fn first_use_misses_then_hits() {
+        let (auth, m) = start(&config()).await;
+        let k = mint(&auth, None).await;
+        for _ in 0..3 {
+            let p = auth
+                .authenticate(k.token.expose())
+                .await
+                .expect("valid key");
+            assert_eq!(p.key_id(), k.record.id);
+            assert_eq!(p.prefix(), k.record.prefix);
+            assert_eq!(
+                p.header_value(),
+                format!("org-key:{}", k.record.id).as_str()
+            );
+        }
+        assert_eq!(lookups(&m), 1);
+        assert_eq!(m.cache_misses.get(), 1);
+        assert_eq!(m.cache_hits.get(), 2);
+        assert_eq!(m.cache_size.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn entry_is_rechecked_after_cache_ttl() {
+        let config = config();
+        let (auth, m) = start(&config).await;
+        let k = mint(&auth, None).await;
+        auth.authenticate(k.token.expose()).await.unwrap();
+        inner(&auth)
+            .cache
+            .advance(config.auth.cache_ttl - Duration::from_secs(1));
+        auth.authenticate(k.token.expose()).await.unwrap();
+        assert_eq!(lookups(&m), 1);
+        inner(&auth).cache.advance(Duration::from_secs(1));
+        auth.authenticate(k.token.expose()).await.unwrap();
+        assert_eq!(lookups(&m), 2);
+    }
+
+    #[tokio::test]
+    async fn unknown_key_is_negatively_cached() {
+        let config = config();
+        let (auth, m) = start(&config).await;
+        let unknown = token::mint("mok_");
+        for _ in 0..5 {
+            let r = auth.authenticate(unknown.expose()).await;
+            assert_eq!(r.unwrap_err(), AuthError::Invalid);
+        }
+        assert_eq!(lookups(&m), 1);
+        inner(&auth).cache.advance(config.auth.negative_ttl);
+        assert_eq!(
+            auth.authenticate(unknown.expose()).await.unwrap_err(),
+            AuthError::Invalid
+        );
+        assert_eq!(lookups(&m), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_uses_make_one_lookup() {
+        let (auth, m) = start(&config()).await;
+        let k = mint(&auth, None).await;
+        let unknown = token::mint("mok_");
+        for (token, valid) in [(k.token.clone(), true), (unknown, false)] {
+            let before = lookups(&m);
+            let tasks: Vec<_> = (0..100)
+                .map(|_| {
+                    let (auth, token) = (auth.clone(), token.clone());
+                    tokio::spawn(async move { auth.authenticate(token.expose()).await })
+                })
+                .collect();
+            for t in tasks {
+                assert_eq!(t.await.unwrap().is_ok(), valid);
+            }
+            assert_eq!(lookups(&m) - before, 1, "valid={valid}");
+        }
+    }
+
+    #[tokio::test]
+    async fn revoked_key_is_refused_on_the_next_request() {
+        let (auth, m) = start(&config()).await;
+        let k = mint(&auth, None).await;
+        let other = mint(&auth, None).await;
+        auth.authenticate(k.token.expose()).await.unwrap();
+        auth.authenticate(other.token.expose()).await.unwrap();
+        assert!(auth.keys().revoke(&k.record.id, &ctx()).await.unwrap());
+        assert_eq!(
+            auth.authenticate(k.token.expose()).await.unwrap_err(),
+            AuthError::Invalid
+        );
+        assert!(auth.authenticate(other.token.expose()).await.is_ok());
+        assert!(!auth.keys().revoke(&k.record.id, &ctx()).await.unwrap());
+        assert!(!auth.keys().revoke("no-such-id", &ctx()).await.unwrap());
+        // The feed echo of our own revoke is not counted twice.
+        inner(&auth).on_feed(FeedEvent::Revoked(token::hash(k.token.expose())));
+        assert_eq!(m.revocations.get(), 1);
+        let listed: Vec<String> = auth
+            .keys()
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(listed, std::slice::from_ref(&other.record.id));
+        let audit = auth.keys().audit(None).await.unwrap();
+        let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["mint", "mint", "revoke"]);
+        let revoke = &audit[2];
+        assert_eq!(revoke.key_id, k.record.id);
+        assert_eq!(revoke.prefix, k.record.prefix);
+        assert_eq!(revoke.actor, "cli:test");
+        assert_eq!(revoke.client.as_deref(), Some("127.0.0.1"));
+    }
+
+    #[tokio::test]
+    async fn revocation_reaches_another_instance_through_the_feed() {
+        let store = Store::memory("acme");
+        let (a, _) = start_with(&config(), store.clone()).await;
+        let (b, mb) = start_with(&config(), store).await;
+        let k = mint(&a, None).await;
+        b.authenticate(k.token.expose()).await.unwrap();
+        b.authenticate(k.token.expose()).await.unwrap();
+        assert_eq!(lookups(&mb), 1);
+        assert!(a.keys().revoke(&k.record.id, &ctx()).await.unwrap());
+        let mb2 = mb.clone();
+        wait_for("b to apply the revocation", move || {
+            mb2.revocations.get() == 1
+        })
+        .await;
+        assert_eq!(
+            b.authenticate(k.token.expose()).await.unwrap_err(),
+            AuthError::Invalid
+        );
+    }
+
+    #[tokio::test]
+    async fn lookup_that_started_before_a_revocation_does_not_reinsert() {
+        let (auth, m) = start(&config()).await;
+        let k = mint(&auth, None).await;
+        let victim = mint(&auth, None).await;
+        let hash = token::hash(k.token.expose());
+        let i = inner(&auth);
+        // A look-up starts (takes the generation) ...
+        let generation = i.cache.generation();
+        // ... a revocation lands ...
+        assert!(auth.keys().revoke(&victim.record.id, &ctx()).await.unwrap());
+        // ... the look-up answers its own request but does not cache.
+        assert!(matches!(
+            i.fetch(hash, generation, false).await,
+            Fetched::Live(_)
+        ));
+        assert_eq!(m.cache_size.get(), 0);
+        let before = lookups(&m);
+        auth.authenticate(k.token.expose()).await.unwrap();
+        assert_eq!(lookups(&m), before + 1, "not served from cache");
+        auth.authenticate(k.token.expose()).await.unwrap();
+        assert_eq!(lookups(&m), before + 1, "cached by the later look-up");
+    }
+
+    #[tokio::test]
+    async fn feed_loss_forces_rechecks() {
+        let (auth, m) = start(&config()).await;
+        let k = mint(&auth, None).await;
+        let t = k.token.expose();
+        let i = inner(&auth);
+        auth.authenticate(t).await.unwrap();
+        assert_eq!(lookups(&m), 1);
+        i.on_feed(FeedEvent::Lost);
+        assert!(!auth.feed_live());
+        auth.authenticate(t).await.unwrap();
+        assert_eq!(lookups(&m), 2, "entry from before the loss re-checked");
+        auth.authenticate(t).await.unwrap();
+        assert_eq!(lookups(&m), 2, "re-checked entry usable briefly");
+        i.cache.advance(cache::FEED_DOWN_REUSE);
+        auth.authenticate(t).await.unwrap();
+        assert_eq!(lookups(&m), 3, "feed down: at most FEED_DOWN_REUSE");
+        i.on_feed(FeedEvent::Connected);
+        auth.authenticate(t).await.unwrap();
+        assert_eq!(lookups(&m), 4, "entries checked during the gap re-checked");
+        i.cache.advance(Duration::from_secs(10));
+        auth.authenticate(t).await.unwrap();
+        assert_eq!(lookups(&m), 4);
+        assert_eq!(auth.readiness().await, (true, true));
+    }
+
+    #[tokio::test]
+    async fn expired_keys_are_refused() {
+        let (auth, m) = start(&config()).await;
+        let k = mint(&auth, Some(Utc::now() + TimeDelta::seconds(2))).await;
+        auth.authenticate(k.token.expose()).await.unwrap();
+        inner(&auth).cache.advance(Duration::from_secs(2));
+        assert_eq!(
+            auth.authenticate(k.token.expose()).await.unwrap_err(),
+            AuthError::Invalid
+        );
+        assert_eq!(m.cache_size.get(), 0);
+        let old = mint(&auth, Some(Utc::now() - TimeDelta::seconds(1))).await;
+        assert_eq!(
+            auth.authenticate(old.token.expose()).await.unwrap_err(),
+            AuthError::Invalid
+        );
+    }
+
+    #[tokio::test]
+    async fn cache_capacity_bounds_entries() {
+        let mut config = config();
+        config.auth.cache_capacity = 3;
+        let (auth, m) = start(&config).await;
+        let mut keys = Vec::new();
+        for _ in 0..10 {
+            keys.push(mint(&auth, None).await);
+        }
+        for k in &keys {
+            auth.authenticate(k.token.expose()).await.unwrap();
+            assert!(m.cache_size.get() <= 3, "{}", m.cache_size.get());
+        }
+        for k in &keys {
+            auth.authenticate(k.token.expose()).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn last_used_is_written_behind_once_per_interval() {
+        let (auth, _) = start(&config()).await;
+        let k = mint(&auth, None).await;
+        auth.authenticate(k.token.expose()).await.unwrap();
+        let i = inner(&auth);
+        assert_eq!(lock(&i.touches).len(), 1);
+        i.flush_touches().await;
+        assert!(lock(&i.touches).is_empty());
+        let listed = auth.keys().list().await.unwrap();
+        assert!(listed[0].last_used_at.is_some());
+        auth.authenticate(k.token.expose()).await.unwrap();
+        assert!(lock(&i.touches).is_empty(), "at most once per interval");
+        i.cache.advance(cache::TOUCH_INTERVAL);
+        auth.authenticate(k.token.expose()).await.unwrap();
+        assert_eq!(lock(&i.touches).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn mint_ceiling_for_api_not_for_cli() {
+        let mut config = config();
+        config.keys.max_live = 2;
+        let (auth, _) = start(&config).await;
+        mint(&auth, None).await;
+        let second = mint(&auth, None).await;
+        assert!(!second.over_ceiling);
+        let api = MintRequest {
+            name: None,
+            expires_at: None,
+            enforce_ceiling: true,
+        };
+        assert!(matches!(
+            auth.keys().mint(api, &ctx()).await,
+            Err(MintError::CeilingReached)
+        ));
+        let cli = MintRequest {
+            name: None,
+            expires_at: None,
+            enforce_ceiling: false,
+        };
+        let third = auth.keys().mint(cli, &ctx()).await.unwrap();
+        assert!(third.over_ceiling);
+        assert_eq!(third.record.created_by, "cli:test");
+        assert!(token::check_format(third.token.expose(), "mok_"));
+        assert_eq!(third.record.prefix, &third.token.expose()[..12]);
+        assert!(auth.authenticate(third.token.expose()).await.is_ok());
     }
 }
