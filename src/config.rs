@@ -1326,6 +1326,9 @@ fn redis_secrets(
     (nodes.len() == n).then_some(nodes)
 }
 
+/// `store.url` when none of url / cluster / sentinel is given.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
 fn parse_store(
     mut s: Section,
     env: &dyn Fn(&str) -> Option<String>,
@@ -1341,11 +1344,6 @@ fn parse_store(
             p.push(s.key(k), "not used with backend = \"memory\"");
             s.take(k);
         }
-    } else if targets.is_empty() {
-        p.push(
-            "store",
-            "one of url, cluster or sentinel is required with backend = \"redis\"",
-        );
     } else if targets.len() > 1 {
         p.push(
             "store",
@@ -1405,6 +1403,9 @@ fn parse_store(
         StoreBackend::Redis(RedisTarget::Cluster(c))
     } else if let Some((master, nodes)) = sentinel {
         StoreBackend::Redis(RedisTarget::Sentinel { master, nodes })
+    } else if targets.is_empty() {
+        // The contract's default: a Redis on the same host.
+        StoreBackend::Redis(RedisTarget::Url(Secret::new(DEFAULT_REDIS_URL)))
     } else {
         // Only reached with a problem recorded above.
         StoreBackend::Memory
@@ -1766,7 +1767,7 @@ url = "redis://127.0.0.1:6379/0"
 
     #[test]
     fn empty_document_names_the_required_keys() {
-        assert_eq!(keys(""), vec!["upstream.url", "tenant.slug", "store"]);
+        assert_eq!(keys(""), vec!["upstream.url", "tenant.slug"]);
     }
 
     #[test]
@@ -2266,9 +2267,12 @@ worker_threads = 1.5
             StoreBackend::Redis(RedisTarget::Url(_))
         ));
 
-        // zero or several targets: one problem naming `store`
-        let m = one_problem(&store("timeout = \"1s\""), "store");
-        assert!(m.contains("one of url, cluster or sentinel"), "{m}");
+        // no target: the contract's default URL; several: one problem naming `store`
+        let c = ok(&store("timeout = \"1s\""));
+        match c.store.backend {
+            StoreBackend::Redis(RedisTarget::Url(u)) => assert_eq!(u.expose(), DEFAULT_REDIS_URL),
+            other => panic!("{other:?}"),
+        }
         let m = one_problem(
             &store("url = \"redis://a:6379\"\ncluster = [\"redis://b:6379\"]"),
             "store",
