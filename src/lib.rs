@@ -13,31 +13,24 @@
 //! an already-validated [`config::Config`], already-bound listeners and a
 //! shutdown signal.
 #![forbid(unsafe_code)]
+#![recursion_limit = "256"]
 
-#[cfg(any())] // LEAD: wired once helpers land
 pub mod admin;
-#[cfg(any())] // LEAD: wired once helpers land
 pub mod app;
 pub mod auth;
-#[cfg(any())] // LEAD: wired once helpers land
 pub mod cli;
 pub mod config;
-#[cfg(any())] // LEAD: wired once helpers land
 pub mod demo;
 pub mod error;
 pub mod forward;
-#[cfg(any())] // LEAD: wired once helpers land
 pub mod keys_api;
-#[cfg(any())] // LEAD: wired once helpers land
 pub mod listener;
 pub mod logging;
 pub mod metrics;
-#[cfg(any())] // LEAD: wired once helpers land
 pub mod proxy;
 pub mod request;
 pub mod session;
 pub mod shutdown;
 pub mod tls;
 
-#[cfg(any())]
 pub use app::{run, Listeners, RunHandle};
