@@ -858,4 +858,95 @@ mod tests {
         assert_eq!(third.record.prefix, &third.token.expose()[..12]);
         assert!(auth.authenticate(third.token.expose()).await.is_ok());
     }
+
+    /// A store whose every call fails at once (connection refused).
+    fn dead_store() -> Store {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let target = crate::config::RedisTarget::Url(crate::config::Secret::new(format!(
+            "redis://127.0.0.1:{port}/0"
+        )));
+        Store::Redis(Arc::new(
+            store::redis::RedisStore::new(&target, "acme", Duration::from_millis(250)).unwrap(),
+        ))
+    }
+
+    /// An authenticator on a dead store, with one key cached (checked now).
+    async fn outage(policy: OutagePolicy) -> (Arc<Authenticator>, Token) {
+        let mut config = config();
+        config.auth.on_store_unavailable = policy;
+        let auth = Authenticator::start(&config, dead_store(), Arc::new(Metrics::new()));
+        let a = auth.clone();
+        wait_for("the feed to report its failure", move || {
+            inner(&a).cache.epoch() >= 1
+        })
+        .await;
+        let token = token::mint("mok_");
+        let i = inner(&auth);
+        let principal = Principal::new("k1", token::display_prefix(token.expose()));
+        let at = i.cache.snapshot();
+        assert!(i
+            .cache
+            .insert(token::hash(token.expose()), principal, None, at)
+            .is_some());
+        (auth, token)
+    }
+
+    #[tokio::test]
+    async fn store_down_reject_policy() {
+        let (auth, token) = outage(OutagePolicy::Reject).await;
+        // Fresh entry: answered from cache, the store is not needed.
+        assert!(auth.authenticate(token.expose()).await.is_ok());
+        // Needs a re-check while the store fails: 503, not 401.
+        inner(&auth).on_feed(FeedEvent::Lost);
+        assert_eq!(
+            auth.authenticate(token.expose()).await.unwrap_err(),
+            AuthError::StoreUnavailable
+        );
+        let unknown = token::mint("mok_");
+        assert_eq!(
+            auth.authenticate(unknown.expose()).await.unwrap_err(),
+            AuthError::StoreUnavailable
+        );
+        assert_eq!(auth.readiness().await, (false, false));
+    }
+
+    #[tokio::test]
+    async fn store_down_serve_cached_within_max_stale() {
+        let (auth, token) = outage(OutagePolicy::ServeCached).await;
+        let i = inner(&auth);
+        i.on_feed(FeedEvent::Lost);
+        i.on_feed(FeedEvent::Connected);
+        i.on_feed(FeedEvent::Lost);
+        // Across epochs, within max_stale (30s) of the last successful check.
+        i.cache.advance(Duration::from_secs(29));
+        let p = auth.authenticate(token.expose()).await.unwrap();
+        assert_eq!(p.key_id(), "k1");
+        i.cache.advance(Duration::from_secs(2));
+        assert_eq!(
+            auth.authenticate(token.expose()).await.unwrap_err(),
+            AuthError::StoreUnavailable
+        );
+        // Unknown keys are never served (nor answered 401) without the store.
+        let unknown = token::mint("mok_");
+        assert_eq!(
+            auth.authenticate(unknown.expose()).await.unwrap_err(),
+            AuthError::StoreUnavailable
+        );
+    }
+
+    #[tokio::test]
+    async fn revoked_key_is_not_served_stale() {
+        let (auth, token) = outage(OutagePolicy::ServeCached).await;
+        let i = inner(&auth);
+        i.on_feed(FeedEvent::Revoked(token::hash(token.expose())));
+        i.on_feed(FeedEvent::Lost);
+        assert_eq!(
+            auth.authenticate(token.expose()).await.unwrap_err(),
+            AuthError::StoreUnavailable
+        );
+    }
 }
