@@ -2,3 +2,5 @@
 #![allow(dead_code)]
 
 pub mod redis;
+pub mod kg;
+pub mod upstream;
