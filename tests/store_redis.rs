@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use common::redis::{redis_cli, RedisServer};
+use common::redis::{redis_cli, RedisCluster, RedisSentinel, RedisServer};
 use keygate::auth::store::{AuditEntry, FeedEvent, KeyRecord, MintOutcome, Store, StoreError};
 use keygate::auth::token::KeyHash;
 use keygate::config::{RedisTarget, Secret, StoreBackend, StoreConfig};
@@ -590,4 +590,73 @@ async fn tenants_sharing_one_redis_are_isolated() {
         next_event(&mut globex_feed).await,
         FeedEvent::Revoked(kg.hash)
     );
+}
+
+fn store_for(target: RedisTarget, slug: &str) -> Store {
+    let config = StoreConfig {
+        backend: StoreBackend::Redis(target),
+        // Cluster and Sentinel calls may need a topology look-up first.
+        timeout: Duration::from_secs(2),
+    };
+    Store::from_config(&config, slug).expect("store from config")
+}
+
+/// Mint, look up, list, revoke with the revocation on a second instance's
+/// feed, and the ceiling, on any topology.
+async fn exercise(a: &Store, b: &Store) {
+    let mut feed = connected_feed(b).await;
+    let k = new_key("ci", Utc::now(), None);
+    assert_eq!(
+        a.mint(&k.hash, &k.record, Some(1), &audit("mint", &k))
+            .await
+            .unwrap(),
+        MintOutcome::Minted { live: 1 }
+    );
+    let k2 = new_key("over", Utc::now(), None);
+    assert_eq!(
+        b.mint(&k2.hash, &k2.record, Some(1), &audit("mint", &k2))
+            .await
+            .unwrap(),
+        MintOutcome::CeilingReached
+    );
+    assert_eq!(b.lookup(&k.hash).await.unwrap(), Some(k.record.clone()));
+    assert_eq!(b.list_live().await.unwrap(), vec![k.record.clone()]);
+    b.touch(&[(k.hash, Utc::now())]).await.unwrap();
+    assert_eq!(
+        a.revoke(&k.record.id, Utc::now(), &audit("revoke", &k))
+            .await
+            .unwrap(),
+        Some(k.hash)
+    );
+    assert_eq!(next_event(&mut feed).await, FeedEvent::Revoked(k.hash));
+    assert_eq!(b.audit(None).await.unwrap().len(), 2);
+    a.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn cluster_store_works_and_feeds_revocations() {
+    let cluster = RedisCluster::start(3);
+    let seeds = || -> Vec<Secret> {
+        // One seed is enough to discover the others.
+        vec![Secret::new(cluster.urls()[1].clone())]
+    };
+    let a = store_for(RedisTarget::Cluster(seeds()), "acme");
+    let b = store_for(RedisTarget::Cluster(seeds()), "acme");
+    exercise(&a, &b).await;
+    // A second tenant on the same cluster, likely on another shard.
+    let c = store_for(RedisTarget::Cluster(seeds()), "globex");
+    let d = store_for(RedisTarget::Cluster(seeds()), "globex");
+    exercise(&c, &d).await;
+}
+
+#[tokio::test]
+async fn sentinel_store_works_and_feeds_revocations() {
+    let setup = RedisSentinel::start("keygate");
+    let target = || RedisTarget::Sentinel {
+        master: setup.master_name.clone(),
+        nodes: vec![Secret::new(setup.sentinel_url())],
+    };
+    let a = store_for(target(), "acme");
+    let b = store_for(target(), "acme");
+    exercise(&a, &b).await;
 }

@@ -11,14 +11,40 @@ const START_DEADLINE: Duration = Duration::from_secs(10);
 
 pub struct RedisServer {
     port: u16,
+    /// Full `redis-server` argument list (reused by `restart`).
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Start a server on a free port and wait until it answers PING.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Start a server on a free port with `extra` arguments after the defaults
+    /// (`--port <free> --bind 127.0.0.1 --save '' --appendonly no`).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
         let port = free_port();
-        let mut server = RedisServer { port, child: None };
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut server = RedisServer {
+            port,
+            args,
+            child: None,
+        };
         server.spawn();
         server
     }
@@ -50,12 +76,10 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// Start `redis-server <args>` and wait until it answers PING.
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", ""])
-            .args(["--appendonly", "no"])
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -133,4 +157,97 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
     };
     assert!(out.status.success(), "redis-cli {args:?} failed: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A local Redis Cluster: `masters` cluster-enabled servers on free ports,
+/// joined with `redis-cli --cluster create`, no replicas. Killed on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut nodes = Vec::new();
+        for i in 0..masters {
+            let node_dir = dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--dir",
+                &node_dir.display().to_string(),
+            ]));
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.push("--cluster-yes");
+        redis_cli(nodes[0].port(), &args);
+        let deadline = Instant::now() + START_DEADLINE;
+        for n in &nodes {
+            while !redis_cli(n.port(), &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "cluster did not become ok");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        RedisCluster { nodes, _dir: dir }
+    }
+
+    /// Seed URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| n.url().replace("/0", ""))
+            .collect()
+    }
+}
+
+/// One master plus one Redis Sentinel monitoring it under `master_name`.
+pub struct RedisSentinel {
+    pub master: RedisServer,
+    pub sentinel: RedisServer,
+    pub master_name: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisSentinel {
+    pub fn start(master_name: &str) -> RedisSentinel {
+        let master = RedisServer::start();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = dir.path().join("sentinel.conf");
+        let port = free_port();
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {master_name} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {master_name} 1000\n",
+                dir.path().display(),
+                master.port()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let mut sentinel = RedisServer {
+            port,
+            args: vec![conf.display().to_string(), "--sentinel".into()],
+            child: None,
+        };
+        sentinel.spawn();
+        RedisSentinel {
+            master,
+            sentinel,
+            master_name: master_name.to_string(),
+            _dir: dir,
+        }
+    }
+
+    pub fn sentinel_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.sentinel.port())
+    }
 }
