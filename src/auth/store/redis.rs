@@ -79,9 +79,7 @@ use rds::{
 };
 use tokio::sync::{mpsc, Mutex};
 
-use super::{
-    hash_from_hex, hash_to_hex, AuditEntry, FeedEvent, KeyRecord, MintOutcome, StoreError,
-};
+use super::{AuditEntry, FeedEvent, KeyRecord, MintOutcome, StoreError};
 use crate::auth::token::KeyHash;
 use crate::config::{RedisTarget, Secret};
 
@@ -182,7 +180,7 @@ impl Keys {
         }
     }
     fn record(&self, hash: &KeyHash) -> String {
-        format!("{}key:{}", self.base, hash_to_hex(hash))
+        format!("{}key:{}", self.base, hash.to_hex())
     }
     fn record_hex(&self, hex: &str) -> String {
         format!("{}key:{hex}", self.base)
@@ -643,7 +641,7 @@ impl RedisStore {
         ceiling: Option<u32>,
         audit: &AuditEntry,
     ) -> Result<MintOutcome, StoreError> {
-        let hex = hash_to_hex(hash);
+        let hex = hash.to_hex();
         let now_ms = Utc::now().timestamp_millis();
         let mut inv = self.mint.prepare_invoke();
         inv.key(self.keys.record_hex(&hex))
@@ -734,7 +732,7 @@ impl RedisStore {
         let Some(hex) = hex else {
             return Ok(None);
         };
-        let Some(hash) = hash_from_hex(&hex) else {
+        let Some(hash) = KeyHash::from_hex(&hex) else {
             return Err(StoreError::Unavailable(
                 "corrupt id index in redis: not a hash".into(),
             ));
@@ -914,7 +912,10 @@ impl RedisStore {
         tick.tick().await; // the first tick is immediate
         let wait = self.feed_wait();
         let forward = |payload: &[u8]| -> bool {
-            match std::str::from_utf8(payload).ok().and_then(hash_from_hex) {
+            match std::str::from_utf8(payload)
+                .ok()
+                .and_then(KeyHash::from_hex)
+            {
                 Some(hash) => events.send(FeedEvent::Revoked(hash)).is_ok(),
                 None => {
                     tracing::warn!("revocation feed: ignoring a malformed message");
