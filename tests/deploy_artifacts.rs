@@ -755,3 +755,118 @@ fn healthcheck_script_passes_only_on_200_from_healthz() {
     assert!(took < Duration::from_secs(8), "took {took:?}");
     drop(server);
 }
+
+/// A child process killed when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn healthcheck(addr: &str, path: &str) -> bool {
+    Command::new("bash")
+        .arg(root().join("deploy/docker/healthcheck.sh"))
+        .arg(addr)
+        .env("KEYGATE_HEALTHCHECK_PATH", path)
+        .env("KEYGATE_HEALTHCHECK_TIMEOUT", "2")
+        .output()
+        .expect("run bash")
+        .status
+        .success()
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The keygate binary, run with the Kubernetes ConfigMap's TOML (addresses
+/// moved to free loopback ports) against a real redis-server: the image's
+/// health check passes on /healthz, /readyz follows the store, and SIGTERM
+/// ends keygate with exit 0 — what the probes and stop timeouts rely on.
+#[test]
+fn shipped_k8s_config_serves_and_probes_behave_with_the_real_binary() {
+    let what = "deploy/k8s/keygate-sidecar.yaml";
+    let docs = yaml_docs(&read(what), what);
+    let toml_text = by_kind(&docs, "ConfigMap")["data"]["keygate.toml"]
+        .as_str()
+        .expect("keygate.toml")
+        .to_owned();
+    let (listen, admin, redis_port) = (free_port(), free_port(), free_port());
+    let admin_addr = format!("127.0.0.1:{admin}");
+    assert!(toml_text.contains("\"0.0.0.0:8443\"") && toml_text.contains("\"0.0.0.0:9090\""));
+    let toml_text = toml_text
+        .replace("\"0.0.0.0:8443\"", &format!("\"127.0.0.1:{listen}\""))
+        .replace("\"0.0.0.0:9090\"", &format!("\"{admin_addr}\""));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("keygate.toml");
+    std::fs::write(&config, toml_text).expect("write config");
+
+    let redis = Child(
+        Command::new("redis-server")
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed"),
+    );
+    wait_until("redis-server", || {
+        std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_ok()
+    });
+
+    let mut keygate = Child(
+        Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env(
+                "KEYGATE_REDIS_URL",
+                format!("redis://127.0.0.1:{redis_port}/0"),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn keygate"),
+    );
+    wait_until("keygate /healthz", || healthcheck(&admin_addr, "/healthz"));
+    wait_until("keygate /readyz", || healthcheck(&admin_addr, "/readyz"));
+
+    // Store gone: not ready, still alive (the liveness probe must not restart it).
+    drop(redis);
+    wait_until("/readyz to fail without redis", || {
+        !healthcheck(&admin_addr, "/readyz")
+    });
+    assert!(healthcheck(&admin_addr, "/healthz"));
+
+    // SIGTERM: drain and exit 0, well within the stop timeouts.
+    let status = Command::new("kill")
+        .args(["-TERM", &keygate.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = keygate.0.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keygate did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "keygate exit after SIGTERM: {exit:?}");
+}
