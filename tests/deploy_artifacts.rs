@@ -600,6 +600,7 @@ fn dockerfile_builds_locked_and_runs_keygate_as_non_root() {
         .collect();
     let copies = find("COPY");
     assert!(copies.len() >= 4);
+    let mut copied: Vec<PathBuf> = Vec::new();
     for copy in copies {
         let words: Vec<&str> = copy.split_whitespace().skip(1).collect();
         if words.iter().any(|w| w.starts_with("--from")) {
@@ -620,6 +621,32 @@ fn dockerfile_builds_locked_and_runs_keygate_as_non_root() {
                 assert!(
                     !(src.starts_with(pat) || src.split('/').any(|c| c == pat)),
                     "COPY source {src} is excluded by Dockerfile.dockerignore ({pat})"
+                );
+            }
+        }
+        copied.extend(srcs[..srcs.len() - 1].iter().map(|s| root().join(s)));
+    }
+
+    // Files that src/ pulls in at compile time must be in the image's build.
+    let mut sources = Vec::new();
+    files_under(&root().join("src"), &mut sources);
+    for file in sources
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "rs"))
+    {
+        let text = std::fs::read_to_string(file).expect("read source");
+        for macro_name in ["include_str!(\"", "include_bytes!(\""] {
+            for (at, _) in text.match_indices(macro_name) {
+                let rest = &text[at + macro_name.len()..];
+                let rel = &rest[..rest.find('"').expect("closing quote")];
+                let included = file.parent().expect("dir").join(rel);
+                let included = included.canonicalize().unwrap_or(included);
+                assert!(
+                    copied
+                        .iter()
+                        .any(|c| c.canonicalize().is_ok_and(|c| included.starts_with(c))),
+                    "{} includes {rel}, which deploy/Dockerfile does not copy into the build",
+                    file.display()
                 );
             }
         }
