@@ -134,13 +134,14 @@ pub async fn run(
 }
 
 /// Start keygate on already-bound listeners in the background.
-pub async fn spawn(config: Config, store: Store, listeners: Listeners) -> Result<RunHandle, String> {
+pub async fn spawn(
+    config: Config,
+    store: Store,
+    listeners: Listeners,
+) -> Result<RunHandle, String> {
     let app = App::new(config, store)?;
     let public_addr = listeners.public.local_addr().map_err(|e| e.to_string())?;
-    let admin_addr = listeners
-        .admin
-        .as_ref()
-        .and_then(|l| l.local_addr().ok());
+    let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
     let (trigger, signal) = shutdown::channel();
     let done = tokio::spawn(serve_app(app.clone(), listeners, signal));
     Ok(RunHandle {

@@ -25,8 +25,8 @@ pub enum Failure {
 }
 
 fn load(path: &Path) -> Result<Config, Failure> {
-    let config =
-        Config::load(path).map_err(|e| Failure::Config(e.problems.iter().map(|p| p.to_string()).collect()))?;
+    let config = Config::load(path)
+        .map_err(|e| Failure::Config(e.problems.iter().map(|p| p.to_string()).collect()))?;
     if let Some(tls) = &config.listen.tls {
         crate::tls::TlsAcceptor::new(tls)
             .map_err(|e| Failure::Config(vec![format!("listen.tls: {e}")]))?;
@@ -56,7 +56,9 @@ pub fn serve(path: &Path) -> Result<(), Failure> {
     let rt = runtime(config.runtime.worker_threads)?;
     rt.block_on(async move {
         if matches!(config.store.backend, StoreBackend::Memory) {
-            tracing::warn!("store.backend = \"memory\": keys live in this process only (demo and tests)");
+            tracing::warn!(
+                "store.backend = \"memory\": keys live in this process only (demo and tests)"
+            );
         }
         let store = Store::from_config(&config.store, &config.tenant.slug)
             .map_err(|e| Failure::Config(vec![format!("store: {e}")]))?;
@@ -118,7 +120,8 @@ pub fn os_user() -> String {
             }
         }
     }
-    uid.map(|u| format!("uid{u}")).unwrap_or_else(|| "unknown".into())
+    uid.map(|u| format!("uid{u}"))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn cli_context() -> OpContext {
@@ -141,12 +144,16 @@ fn with_keys<T>(
     rt.block_on(async {
         if matches!(config.store.backend, StoreBackend::Memory) {
             return Err(Failure::Operation(
-                "store.backend is \"memory\": keys would vanish with this process; configure redis".into(),
+                "store.backend is \"memory\": keys would vanish with this process; configure redis"
+                    .into(),
             ));
         }
         let store = Store::from_config(&config.store, &config.tenant.slug)
             .map_err(|e| Failure::Config(vec![format!("store: {e}")]))?;
-        store.ping().await.map_err(|e| Failure::Operation(e.to_string()))?;
+        store
+            .ping()
+            .await
+            .map_err(|e| Failure::Operation(e.to_string()))?;
         let auth = Authenticator::start(&config, store, std::sync::Arc::new(Metrics::new()));
         f(&config, &auth).await
     })
@@ -183,7 +190,11 @@ pub fn keys_mint(
                     "--expires-in: '{s}' is not a duration like 30d, 12h or 90m"
                 ))
             })?;
-            Some(Utc::now() + chrono::Duration::from_std(d).map_err(|_| Failure::Usage("--expires-in: too large".into()))?)
+            Some(
+                Utc::now()
+                    + chrono::Duration::from_std(d)
+                        .map_err(|_| Failure::Usage("--expires-in: too large".into()))?,
+            )
         }
     };
     if let Some(n) = &name {
@@ -201,7 +212,9 @@ pub fn keys_mint(
             Ok(m) => m,
             Err(MintError::Store(e)) => return Err(Failure::Operation(e.to_string())),
             Err(MintError::CeilingReached) => {
-                return Err(Failure::Operation("org api token mint ceiling exceeded".into()))
+                return Err(Failure::Operation(
+                    "org api token mint ceiling exceeded".into(),
+                ))
             }
         };
         if minted.over_ceiling {
@@ -221,7 +234,10 @@ pub fn keys_mint(
             eprintln!("created_by: {}", r.created_by);
             eprintln!(
                 "expires_at: {}",
-                r.expires_at.as_ref().map(rfc3339).unwrap_or_else(|| "never".into())
+                r.expires_at
+                    .as_ref()
+                    .map(rfc3339)
+                    .unwrap_or_else(|| "never".into())
             );
             eprintln!("{}", crate::keys_api::MINT_WARNING);
         }
@@ -249,13 +265,27 @@ pub fn keys_list(path: &Path, json: bool) -> Result<(), Failure> {
                     r.name.clone().unwrap_or_else(|| "-".into()),
                     r.created_by.clone(),
                     rfc3339(&r.created_at),
-                    r.last_used_at.as_ref().map(rfc3339).unwrap_or_else(|| "-".into()),
-                    r.expires_at.as_ref().map(rfc3339).unwrap_or_else(|| "never".into()),
+                    r.last_used_at
+                        .as_ref()
+                        .map(rfc3339)
+                        .unwrap_or_else(|| "-".into()),
+                    r.expires_at
+                        .as_ref()
+                        .map(rfc3339)
+                        .unwrap_or_else(|| "never".into()),
                 ]
             })
             .collect();
         print_table(
-            &["ID", "PREFIX", "NAME", "CREATED_BY", "CREATED_AT", "LAST_USED_AT", "EXPIRES_AT"],
+            &[
+                "ID",
+                "PREFIX",
+                "NAME",
+                "CREATED_BY",
+                "CREATED_AT",
+                "LAST_USED_AT",
+                "EXPIRES_AT",
+            ],
             &rows,
         );
         Ok(())
@@ -311,7 +341,15 @@ pub fn audit(path: &Path, since: Option<String>, json: bool) -> Result<(), Failu
             })
             .collect();
         print_table(
-            &["TIME", "ACTOR", "ACTION", "KEY_ID", "PREFIX", "CLIENT", "USER_AGENT"],
+            &[
+                "TIME",
+                "ACTOR",
+                "ACTION",
+                "KEY_ID",
+                "PREFIX",
+                "CLIENT",
+                "USER_AGENT",
+            ],
             &rows,
         );
         Ok(())

@@ -22,7 +22,9 @@ pub async fn run(port: u16) -> Result<(), Failure> {
     let upstream = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| Failure::Operation(format!("cannot bind the demo upstream: {e}")))?;
-    let upstream_addr = upstream.local_addr().map_err(|e| Failure::Operation(e.to_string()))?;
+    let upstream_addr = upstream
+        .local_addr()
+        .map_err(|e| Failure::Operation(e.to_string()))?;
     tokio::spawn(echo_server(upstream));
 
     let mut config = Config::for_tests(
@@ -37,9 +39,9 @@ pub async fn run(port: u16) -> Result<(), Failure> {
     config.log.level = "warn".into();
     crate::logging::init(&config.log, crate::logging::Sink::Stderr);
 
-    let public = TcpListener::bind(config.listen.addr)
-        .await
-        .map_err(|e| Failure::Operation(format!("cannot bind 127.0.0.1:{port}: {e} (try --port)")))?;
+    let public = TcpListener::bind(config.listen.addr).await.map_err(|e| {
+        Failure::Operation(format!("cannot bind 127.0.0.1:{port}: {e} (try --port)"))
+    })?;
     let admin = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| Failure::Operation(format!("cannot bind the admin listener: {e}")))?;
@@ -122,7 +124,11 @@ async fn echo_server(listener: TcpListener) {
         tokio::spawn(async move {
             let svc = service_fn(|req: Request<Incoming>| async move {
                 let (parts, body) = req.into_parts();
-                let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
                 let headers: serde_json::Map<String, serde_json::Value> = parts
                     .headers
                     .iter()

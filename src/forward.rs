@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -108,8 +109,12 @@ impl Body for ProxyBody {
     }
 }
 
-/// The client's request body on its way to the app: streamed as is, trailers dropped.
-pub struct RequestBody(Incoming);
+/// The client's request body on its way to the app: streamed as is, trailers
+/// dropped, bytes counted for the access log when it is on.
+pub struct RequestBody {
+    inner: Incoming,
+    counter: Option<Arc<AtomicU64>>,
+}
 
 impl Body for RequestBody {
     type Data = Bytes;
@@ -119,19 +124,25 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match Pin::new(&mut self.0).poll_frame(cx) {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
             // Trailers are always the last frame: dropping them ends the body.
             Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => Poll::Ready(None),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(c), Some(d)) = (&self.counter, frame.data_ref()) {
+                    c.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             other => other,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.0.size_hint()
+        self.inner.size_hint()
     }
 }
 
@@ -181,6 +192,18 @@ fn folds_to(name: &[u8], target: &[u8]) -> bool {
             };
             a == b
         })
+}
+
+/// One admitted request on its way to the app.
+pub struct Outbound<'a> {
+    pub parts: Parts,
+    pub body: Incoming,
+    pub identity: Identity,
+    pub request_id: &'a HeaderValue,
+    /// The client side of a WebSocket upgrade, when the request asks for one.
+    pub upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// Counts request body bytes (access log).
+    pub bytes_in: Option<Arc<AtomicU64>>,
 }
 
 pub struct Forwarder {
@@ -239,18 +262,21 @@ impl Forwarder {
 
     /// Forward one admitted request; returns the app's response (hop-by-hop
     /// headers removed) or the rejection to answer with.
-    #[allow(clippy::too_many_arguments)]
     pub async fn forward(
         &self,
-        mut parts: Parts,
-        body: Incoming,
-        identity: Identity,
+        out: Outbound<'_>,
         conn: &ConnInfo,
-        request_id: &HeaderValue,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         tunnels: &Tracker,
         metrics: &Metrics,
     ) -> Result<Response<ProxyBody>, Rejection> {
+        let Outbound {
+            mut parts,
+            body,
+            identity,
+            request_id,
+            upgrade: client_upgrade,
+            bytes_in,
+        } = out;
         let websocket = client_upgrade.is_some();
         let host = forwarded_host(&parts);
         self.clean_request_headers(&mut parts.headers, conn);
@@ -293,7 +319,10 @@ impl Forwarder {
         else {
             return Err(Rejection::BadTarget);
         };
-        let mut req = Request::new(RequestBody(body));
+        let mut req = Request::new(RequestBody {
+            inner: body,
+            counter: bytes_in,
+        });
         *req.method_mut() = parts.method;
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
@@ -333,7 +362,9 @@ impl Forwarder {
                 });
                 let (mut parts, body) = resp.into_parts();
                 clean_response_headers(&mut parts.headers, true);
-                parts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+                parts
+                    .headers
+                    .insert(X_REQUEST_ID.clone(), request_id.clone());
                 return Ok(Response::from_parts(parts, ProxyBody::Upstream(body)));
             }
             // A 101 to a request that did not ask for a WebSocket: never tunnel.
@@ -343,7 +374,9 @@ impl Forwarder {
 
         let (mut parts, body) = resp.into_parts();
         clean_response_headers(&mut parts.headers, false);
-        parts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        parts
+            .headers
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
         Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
     }
 
@@ -358,7 +391,8 @@ impl Forwarder {
                 continue;
             }
             let b = s.as_bytes();
-            if folds_to(b, principal) || IDENTITY_HEADERS.iter().any(|t| folds_to(b, t.as_bytes())) {
+            if folds_to(b, principal) || IDENTITY_HEADERS.iter().any(|t| folds_to(b, t.as_bytes()))
+            {
                 doomed.push(name.clone());
             }
         }
@@ -464,7 +498,10 @@ pub fn is_websocket_upgrade(parts_method: &Method, version: Version, headers: &H
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     let conn_upgrade = headers.get_all(header::CONNECTION).iter().any(|v| {
         v.to_str()
-            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .map(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
             .unwrap_or(false)
     });
     upgrade_ws && conn_upgrade

@@ -117,7 +117,10 @@ async fn read_mint_request(body: Incoming) -> Result<MintRequest, Rejection> {
     let bytes = match Limited::new(body, MAX_BODY).collect().await {
         Ok(c) => c.to_bytes(),
         Err(err) => {
-            if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if err
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 return Err(Rejection::PayloadTooLarge);
             }
             return Err(Rejection::BadRequest("bad request: unreadable body"));
@@ -192,7 +195,9 @@ pub fn rfc3339(t: &DateTime<Utc>) -> String {
 }
 
 fn opt_time(t: &Option<DateTime<Utc>>) -> Value {
-    t.as_ref().map(|t| Value::String(rfc3339(t))).unwrap_or(Value::Null)
+    t.as_ref()
+        .map(|t| Value::String(rfc3339(t)))
+        .unwrap_or(Value::Null)
 }
 
 /// The `GET /org/tokens` object (also `keygate keys list --json`).

@@ -27,6 +27,7 @@ use tokio::time::{Instant, Sleep};
 use crate::app::App;
 use crate::forward::{ConnInfo, ProxyBody};
 use crate::metrics::ConnectionGuard;
+use crate::proxy::AccessRecord;
 use crate::shutdown::{Signal, Tracker};
 use crate::tls::TlsAcceptor;
 
@@ -144,7 +145,12 @@ async fn serve_connection<IO>(
 {
     let listen = &app.config.listen;
     let state = Arc::new(ConnState::default());
-    let io = ConnIo::new(io, state.clone(), listen.header_timeout, listen.idle_timeout);
+    let io = ConnIo::new(
+        io,
+        state.clone(),
+        listen.header_timeout,
+        listen.idle_timeout,
+    );
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -169,7 +175,7 @@ async fn serve_connection<IO>(
         let info = info.clone();
         let guard = InflightGuard::new(svc_state.clone());
         async move {
-            let resp = crate::proxy::handle(app, info, req).await?;
+            let (resp, record) = crate::proxy::handle(app, info, req).await;
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 guard.state.upgraded.store(true, Ordering::Release);
             }
@@ -179,6 +185,8 @@ async fn serve_connection<IO>(
                 ConnBody {
                     inner: body,
                     _guard: guard,
+                    record,
+                    bytes_out: 0,
                 },
             ))
         }
@@ -238,6 +246,17 @@ impl Drop for InflightGuard {
 pub struct ConnBody {
     inner: ProxyBody,
     _guard: InflightGuard,
+    /// Written when the body is done (or abandoned), with the bytes sent.
+    record: Option<Box<AccessRecord>>,
+    bytes_out: u64,
+}
+
+impl Drop for ConnBody {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.emit(self.bytes_out);
+        }
+    }
 }
 
 impl Body for ConnBody {
@@ -248,7 +267,13 @@ impl Body for ConnBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                self.bytes_out += d.len() as u64;
+            }
+        }
+        polled
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()

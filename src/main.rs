@@ -11,7 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use keygate::cli::{self, Failure};
 
 #[derive(Parser)]
-#[command(name = "keygate", version, about = "Authenticating reverse-proxy sidecar for organization API keys")]
+#[command(
+    name = "keygate",
+    version,
+    about = "Authenticating reverse-proxy sidecar for organization API keys"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

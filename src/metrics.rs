@@ -84,8 +84,11 @@ impl Metrics {
         let cache_size = IntGauge::new("keygate_auth_cache_entries", "Keys in the local cache.")
             .expect("valid metric");
         let store_duration = HistogramVec::new(
-            HistogramOpts::new("keygate_store_duration_seconds", "Key store call durations.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "keygate_store_duration_seconds",
+                "Key store call durations.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["op"],
         )
         .expect("valid metric");

@@ -9,7 +9,7 @@
 //! answer, records the metric and writes the access log line. The inner
 //! [`decide`] only uses `?`.
 
-use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,58 +26,96 @@ use crate::error::{Outcome, Rejection};
 use crate::forward::{self, ConnInfo, Identity, ProxyBody, X_REQUEST_ID};
 use crate::keys_api;
 
-/// What the access log records about the caller.
-pub enum Caller {
-    None,
-    Key(crate::auth::Principal),
+/// One access-log line, completed when the response body is done (so it can
+/// carry the bytes sent and the full duration), then written by
+/// [`AccessRecord::emit`]. Never holds a credential: only the key id.
+pub struct AccessRecord {
+    request_id: HeaderValue,
+    client: std::net::IpAddr,
+    method: http::Method,
+    path: String,
+    status: u16,
+    outcome: Outcome,
+    started: Instant,
+    key_id: Option<crate::auth::Principal>,
+    upstream_status: Option<u16>,
+    bytes_in: Arc<AtomicU64>,
 }
 
+impl AccessRecord {
+    pub fn emit(&self, bytes_out: u64) {
+        tracing::info!(
+            target: "keygate::access",
+            request_id = self.request_id.to_str().unwrap_or(""),
+            client = %self.client,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            outcome = self.outcome.label(),
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            key_id = self.key_id.as_ref().map(|p| p.key_id()),
+            upstream_status = self.upstream_status,
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out = bytes_out,
+        );
+    }
+}
+
+/// Answer one request: the stages in [`decide`], any refusal turned into its
+/// JSON answer here, the metric recorded, and (when `log.access` is on) the
+/// access record handed back for the listener to emit at body end.
 pub async fn handle(
     app: Arc<App>,
     conn: Arc<ConnInfo>,
     mut req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> (Response<ProxyBody>, Option<Box<AccessRecord>>) {
     let started = Instant::now();
     let request_id = request_id(req.headers());
-    let method = req.method().clone();
-    let path_for_log = if app.access_log {
-        Some(req.uri().path().to_owned())
-    } else {
-        None
-    };
-    let client_upgrade = if forward::is_websocket_upgrade(req.method(), req.version(), req.headers())
+    let mut record = app.access_log.then(|| {
+        Box::new(AccessRecord {
+            request_id: request_id.clone(),
+            client: conn.peer.ip().to_canonical(),
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            status: 0,
+            outcome: Outcome::Forwarded,
+            started,
+            key_id: None,
+            upstream_status: None,
+            bytes_in: Arc::new(AtomicU64::new(0)),
+        })
+    });
+    let client_upgrade =
+        if forward::is_websocket_upgrade(req.method(), req.version(), req.headers()) {
+            Some(hyper::upgrade::on(&mut req))
+        } else {
+            None
+        };
+    let (outcome, response) = match decide(
+        &app,
+        &conn,
+        req,
+        &request_id,
+        client_upgrade,
+        record.as_deref_mut(),
+    )
+    .await
     {
-        Some(hyper::upgrade::on(&mut req))
-    } else {
-        None
+        Ok((outcome, resp)) => (outcome, resp),
+        Err(rejection) => (rejection.outcome(), app.reject(rejection, &request_id)),
     };
-    let mut caller = Caller::None;
-    let (outcome, response) =
-        match decide(&app, &conn, req, &request_id, client_upgrade, &mut caller).await {
-            Ok((outcome, resp)) => (outcome, resp),
-            Err(rejection) => (rejection.outcome(), app.reject(rejection, &request_id)),
-        };
     app.metrics.record_outcome(outcome);
-    let elapsed = started.elapsed();
-    app.metrics.request_duration.observe(elapsed.as_secs_f64());
-    if let Some(path) = path_for_log {
-        let key_id = match &caller {
-            Caller::Key(p) => Some(p.key_id()),
-            Caller::None => None,
-        };
-        tracing::info!(
-            target: "keygate::access",
-            request_id = request_id.to_str().unwrap_or(""),
-            client = %conn.peer.ip(),
-            method = %method,
-            path = %path,
-            status = response.status().as_u16(),
-            outcome = outcome.label(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            key_id = key_id,
-        );
+    app.metrics
+        .request_duration
+        .observe(started.elapsed().as_secs_f64());
+    if let Some(r) = record.as_deref_mut() {
+        r.status = response.status().as_u16();
+        r.outcome = outcome;
+        if outcome == Outcome::Forwarded {
+            r.upstream_status = Some(r.status);
+        }
     }
-    Ok(response)
+    (response, record)
 }
 
 async fn decide(
@@ -86,7 +124,7 @@ async fn decide(
     req: Request<Incoming>,
     request_id: &HeaderValue,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    caller: &mut Caller,
+    mut record: Option<&mut AccessRecord>,
 ) -> Result<(Outcome, Response<ProxyBody>), Rejection> {
     let (parts, body) = req.into_parts();
 
@@ -102,7 +140,9 @@ async fn decide(
             }
             match app.auth.authenticate(tok).await {
                 Ok(principal) => {
-                    *caller = Caller::Key(principal.clone());
+                    if let Some(r) = record.as_deref_mut() {
+                        r.key_id = Some(principal.clone());
+                    }
                     Identity::OrgKey(principal)
                 }
                 Err(AuthError::Invalid) => return Err(Rejection::Unauthorized),
@@ -110,12 +150,10 @@ async fn decide(
             }
         }
         Credential::MalformedKey => return Err(Rejection::Unauthorized),
-        Credential::OtherBearer | Credential::OtherScheme => {
-            match app.config.auth.other_bearer {
-                ForwardPolicy::Forward => Identity::Passthrough,
-                ForwardPolicy::Reject => return Err(Rejection::Unauthorized),
-            }
-        }
+        Credential::OtherBearer | Credential::OtherScheme => match app.config.auth.other_bearer {
+            ForwardPolicy::Forward => Identity::Passthrough,
+            ForwardPolicy::Reject => return Err(Rejection::Unauthorized),
+        },
         Credential::Missing => match (app.config.auth.anonymous, &admitted.keys_route) {
             // The keys API decides for itself (browser sessions).
             (_, Some(_)) => Identity::Passthrough,
@@ -131,18 +169,17 @@ async fn decide(
     }
 
     // Step 6: forward.
+    let out = forward::Outbound {
+        parts,
+        body,
+        identity,
+        request_id,
+        upgrade: client_upgrade,
+        bytes_in: record.map(|r| r.bytes_in.clone()),
+    };
     let resp = app
         .forwarder
-        .forward(
-            parts,
-            body,
-            identity,
-            conn,
-            request_id,
-            client_upgrade,
-            &app.tunnels,
-            &app.metrics,
-        )
+        .forward(out, conn, &app.tunnels, &app.metrics)
         .await?;
     Ok((Outcome::Forwarded, resp))
 }
@@ -154,8 +191,7 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128
-            && b
-                .iter()
+            && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=@".contains(c))
         {
             return v.clone();

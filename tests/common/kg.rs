@@ -58,7 +58,10 @@ impl RawResponse {
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
     }
     pub fn error(&self) -> String {
-        self.json()["error"].as_str().unwrap_or_default().to_string()
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 }
 
@@ -162,7 +165,12 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(i) = find(b, b"\r\n") {
         let size = usize::from_str_radix(
-            std::str::from_utf8(&b[..i]).unwrap_or("0").split(';').next().unwrap_or("0").trim(),
+            std::str::from_utf8(&b[..i])
+                .unwrap_or("0")
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
             16,
         )
         .unwrap_or(0);
@@ -178,17 +186,17 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 
 /// `GET <target>` with Host acme and extra header lines.
 pub fn get(target: &str, extra: &str) -> Vec<u8> {
-    format!("GET {target} HTTP/1.1\r\nHost: {HOST}\r\n{extra}Connection: close\r\n\r\n").into_bytes()
+    format!("GET {target} HTTP/1.1\r\nHost: {HOST}\r\n{extra}Connection: close\r\n\r\n")
+        .into_bytes()
 }
 
 /// An HTTP/2 (prior knowledge) client connection to keygate.
-pub async fn h2_client(
-    addr: SocketAddr,
-) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+pub async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     send
 }
