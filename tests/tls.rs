@@ -715,23 +715,6 @@ impl Proc {
         }
     }
 
-    /// Wait (bounded) until some output line satisfies `pred`.
-    async fn wait_for_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(l) = self.output().into_iter().find(|l| pred(l)) {
-                return l;
-            }
-            self.assert_running();
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no {what} line within 10s: {:#?}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     /// Wait (bounded) for the process to exit; its exit code.
     async fn wait_exit(&mut self) -> Option<i32> {
         match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
@@ -875,52 +858,105 @@ fn is_error_line(l: &str) -> bool {
     }
 }
 
+fn error_lines(p: &Proc) -> Vec<String> {
+    p.output()
+        .into_iter()
+        .filter(|l| is_error_line(l))
+        .collect()
+}
+
+/// Wait (bounded) until the process has logged `n` error lines; returns them.
+async fn wait_for_errors(p: &mut Proc, n: usize) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let errors = error_lines(p);
+        if errors.len() >= n {
+            return errors;
+        }
+        p.assert_running();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected {n} error lines within 10s: {:#?}",
+            p.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn sighup_with_broken_file_keeps_old_certificate_and_logs_one_error() {
     let mut s = serve_with_tls().await;
     assert_eq!(fresh_leaf(s.public, &s.ca).await, s.first.der);
-    let errors_before = s.proc.output().iter().filter(|l| is_error_line(l)).count();
-    assert_eq!(errors_before, 0, "{:#?}", s.proc.output());
+    assert_eq!(error_lines(&s.proc), Vec::<String>::new());
 
-    std::fs::write(&s.files.cert, "this is not a certificate\n").expect("break cert");
-    s.proc.sighup();
     let cert_path = s.files.cert.display().to_string();
-    let line = s
-        .proc
-        .wait_for_line("reload error", |l| is_error_line(l))
-        .await;
-    assert!(
-        line.contains("reload"),
-        "error line does not say reload: {line}"
-    );
-    assert!(
-        line.contains(&cert_path),
-        "error line does not name the certificate file {cert_path}: {line}"
-    );
+    let key_path = s.files.key.display().to_string();
+    let other = s.ca.leaf(HOST);
+    // (what, how to break the files, the file the error must name)
+    type Breakage<'a> = (&'a str, Box<dyn Fn(&Files) + 'a>, &'a str);
+    let breakages: [Breakage; 3] = [
+        (
+            "garbage certificate",
+            Box::new(|f: &Files| {
+                std::fs::write(&f.cert, "this is not a certificate\n").expect("break cert")
+            }),
+            &cert_path,
+        ),
+        (
+            "certificate not matching the key",
+            Box::new(|f: &Files| std::fs::write(&f.cert, &other.cert_pem).expect("write cert")),
+            &cert_path,
+        ),
+        (
+            "missing key file",
+            Box::new(|f: &Files| {
+                std::fs::write(&f.cert, &s.first.cert_pem).expect("write cert");
+                std::fs::remove_file(&f.key).expect("remove key");
+            }),
+            &key_path,
+        ),
+    ];
+    for (n, (what, break_files, names)) in breakages.iter().enumerate() {
+        break_files(&s.files);
+        s.proc.sighup();
+        let errors = wait_for_errors(&mut s.proc, n + 1).await;
+        let line = &errors[n];
+        assert!(
+            line.contains("reload"),
+            "{what}: error line does not say reload: {line}"
+        );
+        assert!(
+            line.contains(names),
+            "{what}: error line does not name {names}: {line}"
+        );
 
-    // Still the old certificate, still serving.
-    assert_eq!(fresh_leaf(s.public, &s.ca).await, s.first.der);
-    let tls = tls_connect(s.public, &s.ca.der(), &[b"h2"], TLS12_13).await;
-    let mut h2 = h2_over(tls).await;
-    let (status, _, _, body) = h2_get(&mut h2, "/still", None).await;
-    assert_eq!(status, 200, "{body}");
-    s.proc.assert_running();
-
-    let errors: Vec<String> = s
-        .proc
-        .output()
-        .into_iter()
-        .filter(|l| is_error_line(l))
-        .collect();
-    assert_eq!(errors.len(), 1, "expected one error line: {errors:#?}");
+        // Still the old certificate, still serving.
+        assert_eq!(fresh_leaf(s.public, &s.ca).await, s.first.der, "{what}");
+        let tls = tls_connect(s.public, &s.ca.der(), &[b"h2"], TLS12_13).await;
+        let mut h2 = h2_over(tls).await;
+        let (status, _, _, body) = h2_get(&mut h2, "/still", None).await;
+        assert_eq!(status, 200, "{what}: {body}");
+        s.proc.assert_running();
+        // Exactly one error line for this failed reload.
+        assert_eq!(
+            error_lines(&s.proc).len(),
+            n + 1,
+            "{what}: expected one error line per failed reload: {:#?}",
+            s.proc.output()
+        );
+    }
 
     // Fixing the files and signalling again picks up the new pair.
     let second = s.ca.leaf(HOST);
     s.files.write(&second);
     s.proc.sighup();
     wait_for_leaf(&mut s.proc, s.public, &s.ca, &second.der).await;
-    let errors = s.proc.output().iter().filter(|l| is_error_line(l)).count();
-    assert_eq!(errors, 1, "{:#?}", s.proc.output());
+    assert_eq!(error_lines(&s.proc).len(), breakages.len());
+    assert!(
+        !s.proc.output().iter().any(|l| l.contains("PRIVATE KEY")),
+        "key material in the output: {:#?}",
+        s.proc.output()
+    );
     s.proc.stop().await;
 }
 
@@ -931,22 +967,34 @@ async fn invalid_pair_at_startup_is_a_config_error_and_binds_nothing() {
     let b = ca.leaf(HOST);
     let up_url = "http://127.0.0.1:9";
 
-    // (name, cert content, key content or None for a missing key file)
-    let cases: [(&str, String, Option<String>); 4] = [
+    // (name, cert content, key content); None: the file does not exist.
+    type Case = (&'static str, Option<String>, Option<String>);
+    let cases: [Case; 5] = [
         (
             "mismatched key",
-            a.cert_pem.clone(),
+            Some(a.cert_pem.clone()),
             Some(b.key_pem.clone()),
         ),
-        ("garbage cert", "garbage\n".into(), Some(a.key_pem.clone())),
-        ("garbage key", a.cert_pem.clone(), Some("garbage\n".into())),
-        ("missing key file", a.cert_pem.clone(), None),
+        (
+            "garbage cert",
+            Some("garbage\n".into()),
+            Some(a.key_pem.clone()),
+        ),
+        (
+            "garbage key",
+            Some(a.cert_pem.clone()),
+            Some("garbage\n".into()),
+        ),
+        ("missing cert file", None, Some(a.key_pem.clone())),
+        ("missing key file", Some(a.cert_pem.clone()), None),
     ];
     for (name, cert_pem, key_pem) in cases {
         let dir = tempfile::tempdir().expect("tempdir");
         let cert = dir.path().join("tls.crt");
         let key = dir.path().join("tls.key");
-        std::fs::write(&cert, cert_pem).expect("write cert");
+        if let Some(c) = cert_pem {
+            std::fs::write(&cert, c).expect("write cert");
+        }
         if let Some(k) = key_pem {
             std::fs::write(&key, k).expect("write key");
         }
