@@ -477,6 +477,38 @@ async fn refusals_over_tls_match_cleartext() {
     t.kg.stop().await;
 }
 
+#[tokio::test]
+async fn silent_client_is_disconnected_at_handshake_timeout() {
+    let ca = Ca::new();
+    let files = Files::new(&ca.leaf(HOST));
+    let up = Upstream::start().await;
+    let mut config = kg::config(up.url());
+    let mut tls = files.tls_config();
+    tls.handshake_timeout = Duration::from_millis(300);
+    config.listen.tls = Some(tls);
+    let kg = kg::start(config, Store::memory("acme")).await;
+
+    // Connected, never sends a ClientHello.
+    let mut tcp = TcpStream::connect(kg.public_addr).await.expect("connect");
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("keygate must close a silent connection on its own");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "expected the connection closed, got {read:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    // A prompt client is still served.
+    let stream = tls_connect(kg.public_addr, &ca.der(), &[], TLS12_13).await;
+    let mut h1 = H1::new(stream).await;
+    let (status, _, _, _) = h1.get("/api/prompt", None).await;
+    assert_eq!(status, 200);
+    kg.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // TLS 1.1 and lower
 // ---------------------------------------------------------------------------
