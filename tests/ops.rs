@@ -1,0 +1,675 @@
+//! Operating keygate (contract §1 `check`, §6 admin listener, §7 signals):
+//! `/healthz`, `/readyz`, `/metrics` counters moving with the right outcome
+//! labels, admin paths absent from the public listener; and, with the BUILT
+//! binary, graceful shutdown on SIGTERM, a second SIGTERM exiting at once,
+//! log output free of tokens, and `keygate check` exit codes and messages.
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::kg::{self, get, raw, RawResponse, HOST};
+use common::upstream::Upstream;
+use keygate::app::RunHandle;
+use keygate::auth::store::Store;
+use keygate::auth::{Actor, MintRequest, OpContext};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+// ---- admin listener (in-process) -------------------------------------------------
+
+async fn admin_get(kg: &RunHandle, path: &str) -> RawResponse {
+    let addr = kg.admin_addr.expect("admin listener");
+    raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+}
+
+async fn metrics(kg: &RunHandle) -> String {
+    let r = admin_get(kg, "/metrics").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.header("content-type")
+            .is_some_and(|v| v.starts_with("text/plain")),
+        "{:?}",
+        r.head
+    );
+    r.body
+}
+
+/// The value of one sample, e.g. `keygate_requests_total{outcome="forwarded"}`.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{text}"))
+}
+
+fn outcome(label: &str) -> String {
+    format!("keygate_requests_total{{outcome=\"{label}\"}}")
+}
+
+/// Every string value in a JSON document, by key, at any depth.
+fn flatten(v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    if let serde_json::Value::Object(m) = v {
+        for (k, v) in m {
+            match v {
+                serde_json::Value::String(s) => out.push((k.clone(), s.clone())),
+                other => flatten(other, out),
+            }
+        }
+    }
+}
+
+async fn mint(kg: &RunHandle) -> (String, String) {
+    let ctx = OpContext {
+        actor: Actor("cli:test".into()),
+        client: None,
+        user_agent: None,
+    };
+    let minted = kg
+        .app
+        .auth
+        .keys()
+        .mint(
+            MintRequest {
+                name: Some("ops".into()),
+                expires_at: None,
+                enforce_ceiling: true,
+            },
+            &ctx,
+        )
+        .await
+        .expect("mint");
+    (minted.token.expose().to_string(), minted.record.id.clone())
+}
+
+#[tokio::test]
+async fn healthz_and_readyz_report_each_component() {
+    let up = Upstream::start().await;
+    let kg = kg::start(kg::config(up.url()), Store::memory("acme")).await;
+
+    let r = admin_get(&kg, "/healthz").await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // The revocation feed may take a moment to come up: poll (bounded).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let r = loop {
+        let r = admin_get(&kg, "/readyz").await;
+        if r.status == 200 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut states = Vec::new();
+    flatten(&r.json(), &mut states);
+    assert!(
+        states.iter().any(|(k, v)| k == "store" && v == "ok"),
+        "store state missing: {}",
+        r.body
+    );
+    assert!(
+        states
+            .iter()
+            .any(|(k, v)| k.contains("feed") && v == "live"),
+        "revocation feed state missing: {}",
+        r.body
+    );
+    assert_eq!(up.count(), 0);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn request_counters_move_by_exactly_one_per_outcome() {
+    let up = Upstream::start().await;
+    let kg = kg::start(kg::config(up.url()), Store::memory("acme")).await;
+    let labels = [
+        "forwarded",
+        "forbidden",
+        "misdirected",
+        "unauthorized",
+        "bad_request",
+        "store_unavailable",
+        "upstream_error",
+    ];
+    let before = metrics(&kg).await;
+    for l in labels {
+        sample(&before, &outcome(l)); // present before any request
+    }
+    let count_before = sample(&before, "keygate_request_duration_seconds_count");
+
+    let p = kg.public_addr;
+    assert_eq!(raw(p, &get("/allowed", "")).await.status, 200);
+    assert_eq!(raw(p, &get("/cp/admin", "")).await.status, 403);
+    let foreign = b"GET / HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n";
+    assert_eq!(raw(p, foreign).await.status, 421);
+    let bad_key = "Authorization: Bearer mok_notavalidkey\r\n";
+    assert_eq!(raw(p, &get("/api", bad_key)).await.status, 401);
+    assert_eq!(raw(p, &get("/x/../cp/admin", "")).await.status, 400);
+
+    let after = metrics(&kg).await;
+    for (label, want) in [
+        ("forwarded", 1.0),
+        ("forbidden", 1.0),
+        ("misdirected", 1.0),
+        ("unauthorized", 1.0),
+        ("bad_request", 1.0),
+        ("store_unavailable", 0.0),
+        ("upstream_error", 0.0),
+    ] {
+        let delta = sample(&after, &outcome(label)) - sample(&before, &outcome(label));
+        assert_eq!(delta, want, "keygate_requests_total{{outcome=\"{label}\"}}");
+    }
+    assert_eq!(
+        sample(&after, "keygate_request_duration_seconds_count") - count_before,
+        5.0,
+        "one duration observation per request"
+    );
+    assert!(after.contains("# TYPE keygate_request_duration_seconds histogram"));
+    assert!(after.contains("keygate_request_duration_seconds_bucket{le=\"+Inf\"}"));
+    assert_eq!(up.count(), 1);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn cache_and_revocation_metrics_move() {
+    let up = Upstream::start().await;
+    let kg = kg::start(kg::config(up.url()), Store::memory("acme")).await;
+    let (token, id) = mint(&kg).await;
+    let auth = format!("Authorization: Bearer {token}\r\n");
+
+    let before = metrics(&kg).await;
+    let hits0 = sample(&before, "keygate_auth_cache_hits_total");
+    let misses0 = sample(&before, "keygate_auth_cache_misses_total");
+    let revoked0 = sample(&before, "keygate_revocations_total");
+
+    assert_eq!(raw(kg.public_addr, &get("/one", &auth)).await.status, 200);
+    assert_eq!(raw(kg.public_addr, &get("/two", &auth)).await.status, 200);
+    let mid = metrics(&kg).await;
+    let hits = sample(&mid, "keygate_auth_cache_hits_total") - hits0;
+    let misses = sample(&mid, "keygate_auth_cache_misses_total") - misses0;
+    assert_eq!(hits + misses, 2.0, "one cache look-up per key request");
+    assert!(hits >= 1.0, "the second request must be a cache hit");
+
+    // A key may revoke itself through the keys API.
+    let del = format!(
+        "DELETE /org/tokens/{id} HTTP/1.1\r\nHost: {HOST}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let r = raw(kg.public_addr, del.as_bytes()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["revoked"], id.as_str());
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = sample(&metrics(&kg).await, "keygate_revocations_total");
+        if now > revoked0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keygate_revocations_total did not move after a revoke"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = raw(kg.public_addr, &get("/three", &auth)).await;
+    assert_eq!(r.status, 401, "a revoked key still works: {r:?}");
+    assert_eq!(up.count(), 2);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn admin_paths_are_not_served_on_the_public_listener() {
+    let up = Upstream::start().await;
+    let kg = kg::start(kg::config(up.url()), Store::memory("acme")).await;
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let r = raw(kg.public_addr, &get(path, "")).await;
+        assert!(
+            !r.body.contains("keygate_requests_total"),
+            "{path} on the public listener served metrics"
+        );
+        // Forwarded to the app (it answers "ok") or refused — never keygate's own answer.
+        if r.status == 200 {
+            assert_eq!(
+                r.header("x-upstream").as_deref(),
+                Some("yes"),
+                "{path}: {r:?}"
+            );
+            assert_eq!(r.body, "ok");
+        } else {
+            assert!(r.status >= 400, "{path}: {r:?}");
+        }
+    }
+    let forwarded = up.count();
+    // And the admin listener does not proxy anything.
+    let r = admin_get(&kg, "/api/x").await;
+    assert_eq!(r.status, 404, "{r:?}");
+    assert_eq!(up.count(), forwarded);
+    kg.stop().await;
+}
+
+// ---- the built binary ------------------------------------------------------------
+
+const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
+    l.local_addr().expect("local addr")
+}
+
+/// `keygate serve` as a child process (killed if the test fails).
+struct Served {
+    child: Child,
+    public: SocketAddr,
+    admin: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Served {
+    /// Start with a generated config (memory store); `extra` is appended TOML
+    /// under `[log]`-free sections; output goes to files in the temp dir.
+    async fn start(upstream: SocketAddr, grace: &str, extra: &str, env: &[(&str, &str)]) -> Served {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (public, admin) = (free_addr(), free_addr());
+        let config = dir.path().join("keygate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[listen]\naddr = \"{public}\"\nshutdown_grace = \"{grace}\"\n\n\
+                 [admin]\naddr = \"{admin}\"\n\n\
+                 [tenant]\nslug = \"acme\"\n\n[store]\nbackend = \"memory\"\n\n\
+                 [upstream]\nurl = \"http://{upstream}\"\n{extra}\n"
+            ),
+        )
+        .expect("write config");
+        let stdout = std::fs::File::create(dir.path().join("stdout.log")).unwrap();
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn keygate");
+        let mut s = Served {
+            child,
+            public,
+            admin,
+            dir,
+        };
+        s.wait_healthy().await;
+        s
+    }
+
+    async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("child status") {
+                panic!(
+                    "keygate exited during start-up: {status}\n{}",
+                    self.output()
+                );
+            }
+            if let Ok(mut s) = TcpStream::connect(self.admin).await {
+                let req = "GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
+                if s.write_all(req.as_bytes()).await.is_ok()
+                    && kg::read_response(&mut s).await.status == 200
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "keygate not healthy within 20s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn signal_term(&self) {
+        let pid = self.child.id().expect("still running");
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
+    /// Wait (bounded) for the process to exit.
+    async fn exit_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(status) => status.expect("wait"),
+            Err(_) => panic!("keygate still running {limit:?} after the signal"),
+        }
+    }
+
+    /// Everything the process wrote so far (stdout then stderr).
+    fn output(&self) -> String {
+        let read =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        format!("{}{}", read("stdout.log"), read("stderr.log"))
+    }
+}
+
+/// Send `GET <path>` and read the whole answer on a task; (status, body).
+fn request_in_background(
+    addr: SocketAddr,
+    path: &str,
+) -> tokio::task::JoinHandle<Result<(u16, String), String>> {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+    tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf))
+            .await
+            .map_err(|_| "no answer within 30s".to_string())?
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no status line: {text:?}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    })
+}
+
+/// Poll until a new connection to `addr` is refused (bounded).
+async fn wait_refused(addr: SocketAddr, within: Duration) -> Instant {
+    let deadline = Instant::now() + within;
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Instant::now(),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new connections still accepted {within:?} after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
+    let up = Upstream::start().await;
+    let mut kg = Served::start(up.addr, "10s", "", &[]).await;
+    let in_flight = request_in_background(kg.public, "/slow/1500");
+    up.wait_for(1).await; // the app has the request
+    let signalled = Instant::now();
+    kg.signal_term();
+
+    wait_refused(kg.public, Duration::from_secs(1)).await;
+    assert!(
+        !in_flight.is_finished(),
+        "the slow request ended before the listener closed"
+    );
+    let (status, body) = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(status, 200, "{body:?}");
+    assert_eq!(body, "ok");
+    let exit = kg.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(exit.code(), Some(0), "{}", kg.output());
+    assert!(signalled.elapsed() < Duration::from_secs(10));
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once() {
+    let up = Upstream::start().await;
+    let mut kg = Served::start(up.addr, "30s", "", &[]).await;
+    let in_flight = request_in_background(kg.public, "/slow/8000");
+    up.wait_for(1).await;
+    kg.signal_term();
+    // The first signal is handled once new connections are refused.
+    wait_refused(kg.public, Duration::from_secs(1)).await;
+    let second = Instant::now();
+    kg.signal_term();
+    kg.exit_within(Duration::from_secs(3)).await;
+    assert!(second.elapsed() < Duration::from_secs(3));
+    // The in-flight request was cut, not answered.
+    let cut = in_flight.await.unwrap();
+    assert!(!matches!(cut, Ok((200, _))), "{cut:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_never_contain_tokens_or_secrets() {
+    let up = Upstream::start().await;
+    let upstream_secret = "UpstreamAdminSecret-7c1e5a";
+    let mut kg = Served::start(
+        up.addr,
+        "5s",
+        "authorization = \"env:KG_TEST_UPSTREAM_SECRET\"\n\n[log]\nlevel = \"trace\"\nformat = \"json\"\n",
+        &[("KG_TEST_UPSTREAM_SECRET", upstream_secret)],
+    )
+    .await;
+    let well_formed = keygate::auth::token::mint("mok_");
+    let well_formed = well_formed.expose().to_string();
+    let bad = "mok_ThisIsNotAValidKeyButStillASecret0123456789abcdefABCDEF";
+    let app_bearer = "app-bearer-secret-4f9d2b";
+    let cookie = "wos-session=cookie-secret-93ab1e";
+
+    let cases = [
+        (format!("Authorization: Bearer {well_formed}\r\n"), 401),
+        (format!("Authorization: Bearer {bad}\r\n"), 401),
+        (
+            format!("Authorization: bearer {well_formed}\r\nX-Molecule-Principal: x\r\n"),
+            401,
+        ),
+        (
+            format!("Authorization: Bearer {app_bearer}\r\nCookie: {cookie}\r\n"),
+            200,
+        ),
+        (format!("Cookie: {cookie}\r\n"), 200),
+    ];
+    for (i, (headers, want)) in cases.iter().enumerate() {
+        let extra = format!("{headers}X-Request-Id: log-capture-{i}\r\n");
+        let r = raw(kg.public, &get("/api/logged", &extra)).await;
+        assert_eq!(r.status, *want, "case {i}: {r:?}");
+    }
+    // A token in a query string: the access log records the path without it.
+    let r = raw(
+        kg.public,
+        &get(
+            &format!("/api/q?access_token={well_formed}"),
+            "X-Request-Id: log-capture-q\r\n",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // The keys API with a bad key.
+    let r = raw(
+        kg.public,
+        &get("/org/tokens", &format!("Authorization: Bearer {bad}\r\n")),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+
+    kg.signal_term();
+    kg.exit_within(Duration::from_secs(10)).await;
+    let log = kg.output();
+    // The capture is real: the access log recorded the requests.
+    for i in 0..cases.len() {
+        assert!(
+            log.contains(&format!("log-capture-{i}")),
+            "no access log line for request {i}:\n{log}"
+        );
+    }
+    // The access log records the path without its query string.
+    let q_line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["request_id"] == "log-capture-q")
+        .unwrap_or_else(|| panic!("no JSON access line for log-capture-q:\n{log}"));
+    assert_eq!(q_line["path"], "/api/q", "{q_line}");
+    assert_eq!(q_line["status"], 200, "{q_line}");
+    assert_eq!(q_line["outcome"], "forwarded", "{q_line}");
+    for (what, secret) in [
+        ("well-formed token", well_formed.as_str()),
+        ("well-formed token's secret part", &well_formed[12..]),
+        ("bad token", bad),
+        ("bad token's tail", &bad[12..]),
+        ("app bearer", app_bearer),
+        ("cookie", "cookie-secret-93ab1e"),
+        ("upstream.authorization", upstream_secret),
+    ] {
+        assert!(
+            !log.contains(secret),
+            "the {what} appears in the log:\n{log}"
+        );
+    }
+}
+
+// ---- keygate check ---------------------------------------------------------------
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn check(config: &Path, env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("check").arg("--config").arg(config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run keygate check");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn check_reports_every_mistake_by_key_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "bad.toml",
+        "[listen]\naddr = \"nowhere\"\n\n[upstream]\nurl = \"http://127.0.0.1:8080\"\ntimeout = \"soon\"\n\n\
+         [tenant]\nslug = \"acme\"\ncolour = \"blue\"\n\n[store]\nbackend = \"memory\"\n",
+    );
+    let (code, stdout, stderr) = check(&path, &[]);
+    assert_eq!(code, Some(2), "stdout {stdout:?} stderr {stderr:?}");
+    let output = format!("{stdout}{stderr}");
+    let errors: Vec<&str> = output.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 3, "{output}");
+    for key in ["listen.addr", "upstream.timeout", "tenant.colour"] {
+        assert_eq!(
+            errors.iter().filter(|l| l.contains(key)).count(),
+            1,
+            "no single error line names {key}: {errors:?}"
+        );
+    }
+    assert!(!output.contains("panicked"), "{output}");
+}
+
+#[test]
+fn check_prints_the_effective_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "TenantAdminToken-d41d8cd98f";
+    let path = write(
+        dir.path(),
+        "good.toml",
+        "[upstream]\nurl = \"http://127.0.0.1:8080\"\nauthorization = \"env:KG_CHECK_SECRET\"\n\n\
+         [tenant]\nslug = \"acme\"\n\n[store]\nbackend = \"memory\"\n",
+    );
+    let (code, stdout, stderr) = check(&path, &[("KG_CHECK_SECRET", secret)]);
+    assert_eq!(code, Some(0), "stderr {stderr:?}");
+    assert!(
+        !stdout.contains(secret) && !stderr.contains(secret),
+        "the secret was printed"
+    );
+    let auth_line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("authorization"))
+        .unwrap_or_else(|| panic!("no upstream.authorization in:\n{stdout}"));
+    assert!(auth_line.contains("[redacted]"), "{auth_line}");
+    // The effective config: defaults filled in, and it is valid TOML.
+    let parsed: toml::Table = stdout.parse().expect("check prints TOML");
+    assert_eq!(parsed["tenant"]["slug"].as_str(), Some("acme"));
+    assert_eq!(parsed["tenant"]["domain"].as_str(), Some("moleculesai.app"));
+    assert_eq!(
+        parsed["upstream"]["url"].as_str(),
+        Some("http://127.0.0.1:8080")
+    );
+    assert!(parsed["listen"].get("shutdown_grace").is_some(), "{stdout}");
+
+    // Without the variable: a config error naming the key, exit 2.
+    let (code, stdout, stderr) = check(&path, &[]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("error:") && l.contains("upstream.authorization")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_refuses_an_unreadable_tls_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.crt");
+    let path = write(
+        dir.path(),
+        "tls.toml",
+        &format!(
+            "[listen.tls]\ncert = \"{c}\"\nkey = \"{c}\"\n\n[upstream]\nurl = \"http://127.0.0.1:8080\"\n\n\
+             [tenant]\nslug = \"acme\"\n\n[store]\nbackend = \"memory\"\n",
+            c = missing.display()
+        ),
+    );
+    let (code, stdout, stderr) = check(&path, &[]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("error:") && l.contains("listen.tls")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // A readable file that is not a certificate is refused the same way.
+    let junk = write(dir.path(), "junk.pem", "not a certificate\n");
+    let path = write(
+        dir.path(),
+        "tls2.toml",
+        &format!(
+            "[listen.tls]\ncert = \"{c}\"\nkey = \"{c}\"\n\n[upstream]\nurl = \"http://127.0.0.1:8080\"\n\n\
+             [tenant]\nslug = \"acme\"\n\n[store]\nbackend = \"memory\"\n",
+            c = junk.display()
+        ),
+    );
+    let (code, stdout, stderr) = check(&path, &[]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("error:") && l.contains("listen.tls")),
+        "{stderr}"
+    );
+}
