@@ -187,9 +187,22 @@ impl Iterator for View<'_> {
 }
 
 /// The matching view of `path` starts with `prefix` (compared while iterating).
+///
+/// Byte-wise, with one widening: a deny prefix character that the view keeps
+/// encoded (anything but unreserved and `/`, e.g. `:` in `/a:b`) also matches
+/// its escape (`/a%3Ab`), so such a prefix cannot be dodged by encoding it.
+/// For prefixes made of unreserved characters and `/` (the usual case) this
+/// is exactly the contract's byte-wise comparison.
 fn view_starts_with(path: &str, prefix: &[u8]) -> bool {
     let mut view = View::new(path);
-    prefix.iter().all(|&p| view.next() == Some(p))
+    prefix.iter().all(|&p| match view.next() {
+        Some(v) if v == p => true,
+        Some(b'%') => {
+            let (hi, lo) = (view.next().and_then(hex), view.next().and_then(hex));
+            matches!((hi, lo), (Some(hi), Some(lo)) if hi << 4 | lo == p)
+        }
+        _ => false,
+    })
 }
 
 /// `/org/tokens`, `/org/tokens/`, `/org/tokens/{id}`, deeper: on the view.
@@ -557,6 +570,17 @@ mod tests {
         t!("/intern", Pass, &deny[..4]);
         t!("/x", Pass, &deny[..4]);
         t!("/x", Deny, deny); // "/" denies everything
+                              // A prefix with characters the view keeps encoded matches their escapes too.
+        let odd = &["/a:b", "/x y", "/p+q"][..];
+        for p in [
+            "/a:b", "/a%3Ab", "/a%3ab/c", "/A%3AB", "/x%20y", "/X%20Y", "/p+q", "/p%2Bq", "/p%2bqq",
+        ] {
+            t!(p, Deny, odd);
+        }
+        for p in ["/a%3A", "/a:c", "/a%3Bb", "/x%21y", "/p%2Cq", "/p-q"] {
+            let want = if p == "/a%3Bb" { Bad } else { Pass };
+            t!(p, want, odd);
+        }
         t!("/cp/admin", Pass, &[] as &[&str]);
         t!("/cp/admin/..", Bad, &[] as &[&str]);
     }
