@@ -884,3 +884,172 @@ async fn fragment_in_path_is_refused_not_forwarded() {
     }
     kg.stop().await;
 }
+
+#[tokio::test]
+async fn authority_forms() {
+    let (up, kg) = start().await;
+    // Served, case and trailing dot and port aside; forwarded as received.
+    for authority in [
+        "ACME.moleculesai.app.",
+        "acme.moleculesai.app:8443",
+        "Acme.MoleculesAI.app",
+    ] {
+        let n = up.count();
+        let (status, _, body) = h2(
+            kg.public_addr,
+            h2_req(Method::GET, &format!("http://{authority}/authz"), &[]),
+        )
+        .await
+        .expect("HTTP/2 answer");
+        assert_eq!(status, 200, "{authority}: {body:?}");
+        let seen = up.wait_for(n + 1).await;
+        assert_eq!(seen[n].headers["host"], authority);
+        assert_eq!(seen[n].headers["x-forwarded-host"], authority);
+    }
+    let served = up.count();
+
+    // A lone `host` (no :authority) is the authority.
+    let mut h = base(b"/hostonly");
+    h.remove(2);
+    h.push(("host", HOST.as_bytes()));
+    assert_eq!(
+        raw_h2(kg.public_addr, &h).await,
+        RawAnswer::Status(200, "ok".into())
+    );
+    let seen = up.wait_for(served + 1).await;
+    assert_eq!(seen[served].headers["host"], HOST);
+    let served = served + 1;
+
+    // Neither :authority nor host; userinfo; a foreign lone host.
+    let mut none = base(b"/noauth");
+    none.remove(2);
+    let mut userinfo = base(b"/userinfo");
+    userinfo[2] = (":authority", b"user@acme.moleculesai.app");
+    let mut foreign = base(b"/foreignhost");
+    foreign.remove(2);
+    foreign.push(("host", b"evil.example"));
+    for (name, headers, want) in [
+        ("no authority", none, 400),
+        ("userinfo", userinfo, 400),
+        ("foreign lone host", foreign, 421),
+    ] {
+        match raw_h2(kg.public_addr, &headers).await {
+            RawAnswer::Status(status, body) => {
+                assert_eq!(status, want, "{name}: {body:?}");
+                assert!(json(&body)["error"].is_string(), "{name}: {body:?}");
+            }
+            other => assert_eq!(want, 400, "{name}: {other:?} where a {want} was due"),
+        }
+    }
+    assert_eq!(up.count(), served, "a refused authority reached the app");
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn limits_match_http1() {
+    let (up, kg) = start().await;
+    let long = format!("/{}", "a".repeat(9000));
+    let one = raw(kg.public_addr, &kg::get(&long, "")).await;
+    assert_eq!(one.status, 414);
+    let (status, _, body) = h2(kg.public_addr, h2_req(Method::GET, &url(&long), &[]))
+        .await
+        .expect("HTTP/2 answer");
+    assert_eq!(status, 414);
+    assert_eq!(json(&body), one.json());
+
+    let mut lines = String::new();
+    let mut req = h2_req(Method::GET, &url("/many"), &[]);
+    for i in 0..101 {
+        lines.push_str(&format!("x-h{i}: v\r\n"));
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+            http::HeaderValue::from_static("v"),
+        );
+    }
+    let one = raw(kg.public_addr, &kg::get("/many", &lines)).await;
+    assert_eq!(one.status, 431, "HTTP/1.1: 101 headers");
+    match h2(kg.public_addr, req).await {
+        Ok((status, _, body)) => {
+            assert_eq!(status, 431, "HTTP/2: 101 headers: {body:?}");
+            assert_eq!(body, one.body, "HTTP/2 431 body differs from HTTP/1.1");
+        }
+        Err(e) => panic!("101 headers over HTTP/2: a 431 was due, got {e}"),
+    }
+
+    assert_eq!(up.count(), 0);
+    kg.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "BUG: an HTTP/1.1 request head of 65-100 KiB (one large header) is forwarded with 200 instead of 431 (limit is 64 KiB; only ~200 KiB heads get 431)"]
+async fn head_over_64_kib_is_431_on_both_protocols() {
+    let (up, kg) = start().await;
+    let mut req = h2_req(Method::GET, &url("/big-head"), &[]);
+    let big = "a".repeat(70 * 1024);
+    req.headers_mut()
+        .insert("x-big", http::HeaderValue::from_str(&big).unwrap());
+    let one = raw(
+        kg.public_addr,
+        &kg::get("/big-head", &format!("x-big: {big}\r\n")),
+    )
+    .await;
+    assert_eq!(one.status, 431, "HTTP/1.1: 70 KiB head");
+    match h2(kg.public_addr, req).await {
+        Ok((status, _, body)) => assert_eq!(status, 431, "HTTP/2: 70 KiB head: {body:?}"),
+        Err(e) => panic!("70 KiB head over HTTP/2: a 431 was due, got {e}"),
+    }
+    assert_eq!(up.count(), 0, "an oversized head reached the app");
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_failure_matches_http1() {
+    let closed = common::upstream::closed_port().await;
+    let kg = kg::start(
+        kg::config(format!("http://{closed}").parse().unwrap()),
+        Store::memory("acme"),
+    )
+    .await;
+    let one = raw(kg.public_addr, &kg::get("/api", "")).await;
+    assert_eq!(one.status, 502, "{one:?}");
+    let (status, headers, body) = h2(kg.public_addr, h2_req(Method::GET, &url("/api"), &[]))
+        .await
+        .expect("HTTP/2 answer");
+    assert_eq!(status, 502);
+    assert_eq!(json(&body), one.json());
+    assert!(headers.contains_key("x-request-id"));
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn request_trailers_are_dropped() {
+    let (up, kg) = start().await;
+    let stream = TcpStream::connect(kg.public_addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-molecule-principal", "org-key:forged".parse().unwrap());
+    trailers.insert("x-trailer", "t".parse().unwrap());
+    use http_body_util::BodyExt;
+    let body = Full::new(Bytes::from_static(b"payload")).with_trailers(Box::pin(async move {
+        Some(Ok::<_, std::convert::Infallible>(trailers))
+    }));
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(url("/trailers"))
+        .body(body)
+        .unwrap();
+    let resp = send.send_request(req).await.expect("answer");
+    assert_eq!(resp.status(), 200);
+    let seen = up.wait_for(1).await;
+    assert_eq!(seen[0].body_len, 7);
+    assert!(seen[0].trailers.is_none(), "{:?}", seen[0].trailers);
+    assert!(!seen[0].headers.contains_key("x-molecule-principal"));
+    assert!(!seen[0].headers.contains_key("x-trailer"));
+    kg.stop().await;
+}
