@@ -1,0 +1,728 @@
+//! Browser sessions on `/org/tokens` (contract §5, issue 5) against a fake
+//! verify endpoint (a real HTTP server on 127.0.0.1:0 that counts its calls)
+//! and a real `redis-server`.
+mod common;
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::kg::{self, RawResponse, HOST};
+use common::redis::RedisServer;
+use common::upstream::{closed_port, Upstream};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use keygate::app::RunHandle;
+use keygate::auth::store::Store;
+use keygate::auth::{Actor, MintRequest, OpContext};
+use keygate::config::{Config, RedisTarget, Secret, SessionConfig, StoreBackend};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+const GOOD: &str = "good";
+const ORIGIN: &str = "https://acme.moleculesai.app";
+const SESSION_TIMEOUT: Duration = Duration::from_millis(500);
+
+// ---------------------------------------------------------------------------
+// The fake verify endpoint
+// ---------------------------------------------------------------------------
+
+/// 200 `{"user_id":"u_123"}` for `Cookie: wos-session=<good>` exactly, 401
+/// for anything else; counts calls and records the Cookie headers it got.
+#[derive(Clone)]
+struct Verify {
+    addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    cookies: Arc<Mutex<Vec<String>>>,
+}
+
+impl Verify {
+    async fn start(good: &'static str) -> Verify {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let v = Verify {
+            addr: l.local_addr().unwrap(),
+            calls: Arc::default(),
+            cookies: Arc::default(),
+        };
+        let v2 = v.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let v = v2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let v = v.clone();
+                            async move {
+                                v.calls.fetch_add(1, Ordering::SeqCst);
+                                let cookie: Vec<String> = req
+                                    .headers()
+                                    .get_all("cookie")
+                                    .iter()
+                                    .map(|c| String::from_utf8_lossy(c.as_bytes()).into_owned())
+                                    .collect();
+                                let ok = cookie == [format!("wos-session={good}")];
+                                v.cookies.lock().unwrap().extend(cookie);
+                                let mut resp = http::Response::new(Full::new(Bytes::from_static(
+                                    br#"{"user_id":"u_123"}"#,
+                                )));
+                                if !ok {
+                                    *resp.body_mut() = Full::new(Bytes::new());
+                                    *resp.status_mut() = http::StatusCode::UNAUTHORIZED;
+                                }
+                                Ok::<_, Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        v
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/cp/auth/tenant-member?slug=acme", self.addr)
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// A server that accepts connections and never answers.
+async fn hanging_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+// ---------------------------------------------------------------------------
+// keygate
+// ---------------------------------------------------------------------------
+
+fn config(up: &Upstream, redis: &RedisServer, verify_url: &str) -> Config {
+    let mut c = kg::config(up.url());
+    c.store.backend = StoreBackend::Redis(RedisTarget::Url(Secret::new(redis.url())));
+    c.session = Some(SessionConfig {
+        verify_url: verify_url.parse().unwrap(),
+        cookie: "wos-session".into(),
+        timeout: SESSION_TIMEOUT,
+        cache_ttl: Duration::from_secs(30),
+        negative_ttl: Duration::from_secs(5),
+    });
+    c
+}
+
+async fn start(c: &Config) -> RunHandle {
+    kg::start(c.clone(), Store::from_config(&c.store, "acme").unwrap()).await
+}
+
+async fn bootstrap_key(kg: &RunHandle) -> String {
+    let ctx = OpContext {
+        actor: Actor("cli:test".into()),
+        client: None,
+        user_agent: None,
+    };
+    let req = MintRequest {
+        name: Some("bootstrap".into()),
+        expires_at: None,
+        enforce_ceiling: false,
+    };
+    let minted = kg.app.auth.keys().mint(req, &ctx).await.expect("mint");
+    minted.token.expose().to_string()
+}
+
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> RawResponse {
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {HOST}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    kg::raw(addr, req.as_bytes()).await
+}
+
+fn cookie(value: &str) -> String {
+    format!("theme=dark; wos-session={value}; other=1")
+}
+
+async fn list_by_key(addr: SocketAddr, key: &str) -> Vec<Value> {
+    let r = send(
+        addr,
+        "GET",
+        "/org/tokens",
+        &[("Authorization", &format!("Bearer {key}"))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()["tokens"].as_array().unwrap().clone()
+}
+
+fn ids(tokens: &[Value]) -> BTreeSet<String> {
+    tokens
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_verified_session_lists_mints_and_revokes() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let verify = Verify::start(GOOD).await;
+    let kg = start(&config(&up, &redis, &verify.url())).await;
+    let addr = kg.public_addr;
+    let good = cookie(GOOD);
+
+    let r = send(addr, "GET", "/org/tokens", &[("Cookie", &good)], None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["count"], 0);
+    assert_eq!(verify.calls(), 1);
+    // keygate sends only the configured cookie.
+    assert_eq!(
+        *verify.cookies.lock().unwrap(),
+        vec![format!("wos-session={GOOD}")]
+    );
+
+    let r = send(
+        addr,
+        "POST",
+        "/org/tokens",
+        &[("Cookie", &good), ("Origin", ORIGIN)],
+        Some(r#"{"name":"from the canvas"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let minted = r.json();
+    let fields: BTreeSet<&str> = minted
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(
+        fields,
+        BTreeSet::from([
+            "id",
+            "prefix",
+            "name",
+            "expires_at",
+            "auth_token",
+            "warning"
+        ])
+    );
+    let id = minted["id"].as_str().unwrap().to_string();
+    let token = minted["auth_token"].as_str().unwrap().to_string();
+    // The verdict was cached: no second call.
+    assert_eq!(verify.calls(), 1, "same cookie verified twice");
+
+    let tokens = list_by_key(addr, &token).await;
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0]["created_by"], "session:u_123");
+    assert_eq!(tokens[0]["name"], "from the canvas");
+
+    let r = send(
+        addr,
+        "DELETE",
+        &format!("/org/tokens/{id}"),
+        &[("Cookie", &good), ("Origin", ORIGIN)],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json(), serde_json::json!({ "revoked": id }));
+    let r = send(
+        addr,
+        "GET",
+        "/api/x",
+        &[("Authorization", &format!("Bearer {token}"))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 401, "{r:?}");
+    let r = send(
+        addr,
+        "DELETE",
+        &format!("/org/tokens/{id}"),
+        &[("Cookie", &good), ("Origin", ORIGIN)],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404, "{r:?}");
+    assert_eq!(verify.calls(), 1, "cache hit expected for every request");
+    assert_eq!(up.count(), 0);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn cookie_writes_need_an_origin_that_is_a_served_host() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let verify = Verify::start(GOOD).await;
+    let kg = start(&config(&up, &redis, &verify.url())).await;
+    let addr = kg.public_addr;
+    let good = cookie(GOOD);
+    let key = bootstrap_key(&kg).await;
+    let victim = {
+        let r = send(
+            addr,
+            "POST",
+            "/org/tokens",
+            &[("Authorization", &format!("Bearer {key}"))],
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "a key mint needs no Origin: {r:?}");
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+
+    let bad_origins: [Option<&str>; 7] = [
+        None,
+        Some("https://evil.com"),
+        Some("https://acme.moleculesai.app.evil.com"),
+        Some("https://evil-acme.moleculesai.app"),
+        Some("https://moleculesai.app"),
+        Some("null"),
+        Some("https://other.moleculesai.app"),
+    ];
+    for origin in bad_origins {
+        let mut headers = vec![("Cookie", good.as_str())];
+        if let Some(o) = origin {
+            headers.push(("Origin", o));
+        }
+        let r = send(addr, "POST", "/org/tokens", &headers, Some("{}")).await;
+        assert_eq!(r.status, 403, "POST with Origin {origin:?}: {r:?}");
+        assert!(!r.error().is_empty());
+        assert!(!r.body.contains("auth_token"));
+        let r = send(
+            addr,
+            "DELETE",
+            &format!("/org/tokens/{victim}"),
+            &headers,
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 403, "DELETE with Origin {origin:?}: {r:?}");
+        // Reading stays allowed: GET is not a write.
+        let r = send(addr, "GET", "/org/tokens", &headers, None).await;
+        assert_eq!(r.status, 200, "GET with Origin {origin:?}: {r:?}");
+    }
+    let tokens = list_by_key(addr, &key).await;
+    assert_eq!(tokens.len(), 2, "a cross-site request minted or revoked");
+    assert!(ids(&tokens).contains(&victim));
+
+    // The served host in any case, with a port: allowed.
+    for origin in [
+        "https://ACME.moleculesai.app:443",
+        "http://acme.moleculesai.app:8443",
+    ] {
+        let r = send(
+            addr,
+            "POST",
+            "/org/tokens",
+            &[("Cookie", &good), ("Origin", origin)],
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "Origin {origin}: {r:?}");
+    }
+    assert_eq!(up.count(), 0);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_or_missing_session_is_401() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let verify = Verify::start(GOOD).await;
+    let kg = start(&config(&up, &redis, &verify.url())).await;
+    let addr = kg.public_addr;
+    let bad = cookie("bad");
+
+    for (method, target, body) in [
+        ("GET", "/org/tokens", None),
+        ("POST", "/org/tokens", Some("{}")),
+        ("DELETE", "/org/tokens/someid", None),
+    ] {
+        for headers in [
+            vec![("Cookie", bad.as_str()), ("Origin", ORIGIN)],
+            vec![("Cookie", "other-session=good"), ("Origin", ORIGIN)],
+            vec![("Cookie", "wos-session="), ("Origin", ORIGIN)],
+            vec![("Origin", ORIGIN)],
+        ] {
+            let r = send(addr, method, target, &headers, body).await;
+            assert_eq!(r.status, 401, "{method} {target} {headers:?}: {r:?}");
+            assert!(!r.error().is_empty());
+        }
+    }
+    // Only the refused `wos-session=bad` reached the endpoint, once (negative cache).
+    assert_eq!(verify.calls(), 1);
+    assert_eq!(up.count(), 0);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn verify_endpoint_down_or_hanging_is_503() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let down = format!("http://{}/verify", closed_port().await);
+    let hanging = format!("http://{}/verify", hanging_server().await);
+    for url in [down, hanging] {
+        let kg = start(&config(&up, &redis, &url)).await;
+        let addr = kg.public_addr;
+        let good = cookie(GOOD);
+        for (method, body) in [("GET", None), ("POST", Some("{}"))] {
+            let started = Instant::now();
+            let r = send(
+                addr,
+                method,
+                "/org/tokens",
+                &[("Cookie", &good), ("Origin", ORIGIN)],
+                body,
+            )
+            .await;
+            let took = started.elapsed();
+            assert_eq!(r.status, 503, "{method} with verify at {url}: {r:?}");
+            assert!(!r.error().is_empty());
+            assert!(r.header("retry-after").is_some(), "{r:?}");
+            assert!(
+                took < SESSION_TIMEOUT + Duration::from_secs(2),
+                "answered after {took:?} (session.timeout {SESSION_TIMEOUT:?})"
+            );
+        }
+        kg.stop().await;
+    }
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn with_authorization_the_cookie_is_ignored() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let verify = Verify::start(GOOD).await;
+    let kg = start(&config(&up, &redis, &verify.url())).await;
+    let addr = kg.public_addr;
+    let good = cookie(GOOD);
+    let key = bootstrap_key(&kg).await;
+    let unknown = keygate::auth::token::mint("mok_");
+
+    for auth in [
+        format!("Bearer {}", unknown.expose()),
+        "Bearer not-an-org-key".to_string(),
+        "Basic dXNlcjpwYXNz".to_string(),
+    ] {
+        for (method, body) in [("GET", None), ("POST", Some("{}"))] {
+            let r = send(
+                addr,
+                method,
+                "/org/tokens",
+                &[
+                    ("Cookie", &good),
+                    ("Origin", ORIGIN),
+                    ("Authorization", &auth),
+                ],
+                body,
+            )
+            .await;
+            assert_eq!(
+                r.status, 401,
+                "{method} with {auth:?} and a good cookie: {r:?}"
+            );
+        }
+    }
+    // A valid key with the cookie: the key decides (no Origin needed), and is the actor.
+    let r = send(
+        addr,
+        "POST",
+        "/org/tokens",
+        &[
+            ("Cookie", &good),
+            ("Authorization", &format!("Bearer {key}")),
+        ],
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let tokens = list_by_key(addr, &key).await;
+    let t = tokens.iter().find(|t| t["id"] == id.as_str()).unwrap();
+    assert_eq!(t["created_by"], format!("org-key:{}", &key[..12]).as_str());
+    assert_eq!(
+        verify.calls(),
+        0,
+        "the verify endpoint was asked despite Authorization"
+    );
+    assert_eq!(up.count(), 0);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn other_paths_with_a_cookie_are_forwarded_without_a_principal() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let verify = Verify::start(GOOD).await;
+    let kg = start(&config(&up, &redis, &verify.url())).await;
+    let addr = kg.public_addr;
+    let good = cookie(GOOD);
+
+    let r = send(
+        addr,
+        "GET",
+        "/api/me",
+        &[
+            ("Cookie", &good),
+            ("X-Molecule-Principal", "org-key:forged"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = send(
+        addr,
+        "POST",
+        "/api/settings",
+        &[("Cookie", &good), ("Origin", "https://evil.com")],
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(
+        r.status, 200,
+        "the app decides about its own cross-site posts: {r:?}"
+    );
+    let seen = up.wait_for(2).await;
+    for s in &seen {
+        assert!(s.headers.get("x-molecule-principal").is_none(), "{s:?}");
+        assert_eq!(
+            s.headers["cookie"],
+            good.as_str(),
+            "cookie not forwarded as is"
+        );
+    }
+    assert_eq!(seen[0].uri.path(), "/api/me");
+    assert_eq!(seen[1].uri.path(), "/api/settings");
+    assert_eq!(verify.calls(), 0, "a forwarded request was verified");
+    kg.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The built binary: the cookie never reaches the logs
+// ---------------------------------------------------------------------------
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn write_config(
+    dir: &Path,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    up: &str,
+    redis: &str,
+    verify: &str,
+    format: &str,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("keygate-{format}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"[listen]
+addr = "{listen}"
+
+[admin]
+addr = "{admin}"
+
+[upstream]
+url = "{up}"
+
+[tenant]
+slug = "acme"
+
+[store]
+url = "{redis}"
+
+[session]
+verify_url = "{verify}"
+cookie = "wos-session"
+timeout = "2s"
+
+[log]
+format = "{format}"
+level = "trace"
+access = true
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn wait_healthy(child: &mut tokio::process::Child, admin: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("keygate exited at start: {status}");
+        }
+        if let Ok(mut s) = TcpStream::connect(admin).await {
+            let req = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+            if s.write_all(req).await.is_ok() && kg::read_response(&mut s).await.status == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "keygate not healthy within 20 s");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_cookie_value_never_appears_in_the_logs() {
+    const GOOD_SECRET: &str = "gOOdSess10nC00kieValue4f9a8b7c";
+    const BAD_SECRET: &str = "bAdSess10nC00kieValue1e2d3c4b";
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let verify = Verify::start(GOOD_SECRET).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    for format in ["json", "text"] {
+        let (listen, admin) = (free_addr(), free_addr());
+        let path = write_config(
+            dir.path(),
+            listen,
+            admin,
+            up.url().to_string().trim_end_matches('/'),
+            &redis.url(),
+            &verify.url(),
+            format,
+        );
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn keygate");
+        let output: Arc<Mutex<Vec<String>>> = Arc::default();
+        let readers: Vec<_> = [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ]
+        .into_iter()
+        .map(|stream| {
+            let output = output.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    output.lock().unwrap().push(line);
+                }
+            })
+        })
+        .collect();
+        wait_healthy(&mut child, admin).await;
+
+        let good = cookie(GOOD_SECRET);
+        let bad = cookie(BAD_SECRET);
+        let r = send(listen, "GET", "/org/tokens", &[("Cookie", &good)], None).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let r = send(
+            listen,
+            "POST",
+            "/org/tokens",
+            &[("Cookie", &good), ("Origin", ORIGIN)],
+            Some(r#"{"name":"log test"}"#),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let token = r.json()["auth_token"].as_str().unwrap().to_string();
+        let r = send(
+            listen,
+            "POST",
+            "/org/tokens",
+            &[("Cookie", &good), ("Origin", "https://evil.com")],
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{r:?}");
+        let r = send(listen, "GET", "/org/tokens", &[("Cookie", &bad)], None).await;
+        assert_eq!(r.status, 401, "{r:?}");
+        let r = send(listen, "GET", "/api/x", &[("Cookie", &good)], None).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let r = send(
+            listen,
+            "GET",
+            "/api/x",
+            &[
+                ("Authorization", &format!("Bearer {token}")),
+                ("Cookie", &bad),
+            ],
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+
+        let pid = child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .expect("keygate exits after SIGTERM")
+            .unwrap();
+        assert!(exit.success(), "{exit}");
+        for r in readers {
+            r.await.unwrap();
+        }
+        let lines = output.lock().unwrap().clone();
+        println!(
+            "{format}: {} log lines captured at level trace",
+            lines.len()
+        );
+        let output = lines.join("\n");
+        assert!(
+            output.contains("/org/tokens") && output.contains("/api/x"),
+            "{format}: the access log was not captured:\n{output}"
+        );
+        for secret in [GOOD_SECRET, BAD_SECRET, token.as_str(), &token[12..]] {
+            assert!(
+                !output.contains(secret),
+                "{format}: a secret appears in the logs (level trace)"
+            );
+        }
+    }
+}
