@@ -339,13 +339,17 @@ impl Served {
     }
 
     fn signal_term(&self) {
+        self.signal("-TERM");
+    }
+
+    fn signal(&self, which: &str) {
         let pid = self.child.id().expect("still running");
         let status = std::process::Command::new("kill")
-            .arg("-TERM")
+            .arg(which)
             .arg(pid.to_string())
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid}");
+        assert!(status.success(), "kill {which} {pid}");
     }
 
     /// Wait (bounded) for the process to exit.
@@ -434,6 +438,96 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     assert_eq!(exit.code(), Some(0), "{}", kg.output());
     assert!(signalled.elapsed() < Duration::from_secs(10));
     assert_eq!(up.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_an_in_flight_http2_stream() {
+    let up = Upstream::start().await;
+    let mut kg = Served::start(up.addr, "10s", "", &[]).await;
+    let mut h2 = kg::h2_client(kg.public).await;
+    let in_flight = tokio::spawn(async move {
+        let req = http::Request::builder()
+            .uri(format!("http://{HOST}/slow/1200"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        kg::h2_send(&mut h2, req).await
+    });
+    up.wait_for(1).await;
+    kg.signal_term();
+    wait_refused(kg.public, Duration::from_secs(1)).await;
+    let (status, _, body) = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight HTTP/2 stream completes");
+    assert_eq!(status, 200, "{body:?}");
+    assert_eq!(body, "ok");
+    let exit = kg.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(exit.code(), Some(0), "{}", kg.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_like_sigterm() {
+    let up = Upstream::start().await;
+    let mut kg = Served::start(up.addr, "10s", "", &[]).await;
+    let in_flight = request_in_background(kg.public, "/slow/800");
+    up.wait_for(1).await;
+    kg.signal("-INT");
+    wait_refused(kg.public, Duration::from_secs(1)).await;
+    let (status, body) = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(status, 200, "{body:?}");
+    let exit = kg.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(exit.code(), Some(0), "{}", kg.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grace_bounds_the_drain() {
+    let up = Upstream::start().await;
+    let mut kg = Served::start(up.addr, "1s", "", &[]).await;
+    let in_flight = request_in_background(kg.public, "/slow/20000");
+    up.wait_for(1).await;
+    let signalled = Instant::now();
+    kg.signal_term();
+    let exit = kg.exit_within(Duration::from_secs(6)).await;
+    let took = signalled.elapsed();
+    assert_eq!(exit.code(), Some(0), "{}", kg.output());
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited after {took:?}, before the 1s grace"
+    );
+    let cut = in_flight.await.unwrap();
+    assert!(!matches!(cut, Ok((200, _))), "{cut:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_do_not_hold_up_the_exit() {
+    let up = Upstream::start().await;
+    let mut kg = Served::start(up.addr, "20s", "", &[]).await;
+    // One HTTP/1.1 keep-alive connection and one HTTP/2 connection, both idle.
+    let mut idle = TcpStream::connect(kg.public).await.unwrap();
+    let req = format!("GET /first HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    idle.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(kg::read_response(&mut idle).await.status, 200);
+    let mut h2 = kg::h2_client(kg.public).await;
+    let req = http::Request::builder()
+        .uri(format!("http://{HOST}/h2-first"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let (status, _, _) = kg::h2_send(&mut h2, req).await.expect("HTTP/2 answer");
+    assert_eq!(status, 200);
+
+    let signalled = Instant::now();
+    kg.signal_term();
+    let exit = kg.exit_within(Duration::from_secs(5)).await;
+    assert_eq!(exit.code(), Some(0), "{}", kg.output());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "idle connections kept keygate alive for {:?}",
+        signalled.elapsed()
+    );
+    drop(idle);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
