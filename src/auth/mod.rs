@@ -949,4 +949,15 @@ mod tests {
             AuthError::StoreUnavailable
         );
     }
+
+    #[tokio::test]
+    async fn dropping_the_authenticator_stops_its_tasks() {
+        let (auth, _) = start(&config()).await;
+        let weak = Arc::downgrade(&auth.keys.inner);
+        drop(auth);
+        wait_for("the background tasks to end", move || {
+            weak.upgrade().is_none()
+        })
+        .await;
+    }
 }
