@@ -1053,3 +1053,47 @@ async fn request_trailers_are_dropped() {
     assert!(!seen[0].headers.contains_key("x-trailer"));
     kg.stop().await;
 }
+
+#[tokio::test]
+async fn forwarding_headers_are_set_by_keygate_not_the_client() {
+    let (up, kg) = start().await;
+    // `:scheme` https on a cleartext listener: X-Forwarded-Proto is the listener's.
+    let (status, _, _) = h2(
+        kg.public_addr,
+        h2_req(
+            Method::GET,
+            &format!("https://{HOST}/proto"),
+            &[
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "evil.example"),
+                ("x-forwarded-for", "1.2.3.4"),
+                ("forwarded", "for=1.2.3.4;proto=https"),
+                ("x-forwarded-uri", "/cp/admin"),
+                ("x-forwarded-prefix", "/cp"),
+                ("x-original-url", "/cp/admin"),
+                ("x-rewrite-url", "/cp/admin"),
+            ],
+        ),
+    )
+    .await
+    .expect("HTTP/2 answer");
+    assert_eq!(status, 200);
+    let seen = up.wait_for(1).await;
+    let h = &seen[0].headers;
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], HOST);
+    assert_eq!(
+        h["x-forwarded-for"], "127.0.0.1",
+        "untrusted peer: replaced"
+    );
+    for dropped in [
+        "forwarded",
+        "x-forwarded-uri",
+        "x-forwarded-prefix",
+        "x-original-url",
+        "x-rewrite-url",
+    ] {
+        assert!(!h.contains_key(dropped), "{dropped} reached the app: {h:?}");
+    }
+    kg.stop().await;
+}
