@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::auth::store::{AuditEntry, Store};
-use crate::auth::{Actor, Authenticator, MintError, MintRequest, OpContext};
+use crate::auth::{Actor, KeyService, MintError, MintRequest, OpContext};
 use crate::config::{Config, StoreBackend};
 use crate::keys_api::{list_json, minted_json, rfc3339};
 use crate::logging::{self, Sink};
@@ -136,7 +136,7 @@ fn cli_context() -> OpContext {
 /// store is one clear line and exit 1).
 fn with_keys<T>(
     path: &Path,
-    f: impl AsyncFnOnce(&Config, &Authenticator) -> Result<T, Failure>,
+    f: impl AsyncFnOnce(&Config, &KeyService) -> Result<T, Failure>,
 ) -> Result<T, Failure> {
     let config = load(path)?;
     logging::init(&config.log, Sink::Stderr);
@@ -154,8 +154,9 @@ fn with_keys<T>(
             .ping()
             .await
             .map_err(|e| Failure::Operation(e.to_string()))?;
-        let auth = Authenticator::start(&config, store, std::sync::Arc::new(Metrics::new()));
-        f(&config, &auth).await
+        // No background tasks (revocation feed, write-behind): one operation and exit.
+        let keys = KeyService::standalone(&config, store, std::sync::Arc::new(Metrics::new()));
+        f(&config, &keys).await
     })
 }
 
@@ -202,13 +203,13 @@ pub fn keys_mint(
             return Err(Failure::Usage("--name: longer than 100 characters".into()));
         }
     }
-    with_keys(path, async |config, auth| {
+    with_keys(path, async |config, keys| {
         let req = MintRequest {
             name,
             expires_at,
             enforce_ceiling: false,
         };
-        let minted = match auth.keys().mint(req, &cli_context()).await {
+        let minted = match keys.mint(req, &cli_context()).await {
             Ok(m) => m,
             Err(MintError::Store(e)) => return Err(Failure::Operation(e.to_string())),
             Err(MintError::CeilingReached) => {
@@ -246,9 +247,8 @@ pub fn keys_mint(
 }
 
 pub fn keys_list(path: &Path, json: bool) -> Result<(), Failure> {
-    with_keys(path, async |_, auth| {
-        let records = auth
-            .keys()
+    with_keys(path, async |_, keys| {
+        let records = keys
             .list()
             .await
             .map_err(|e| Failure::Operation(e.to_string()))?;
@@ -293,8 +293,8 @@ pub fn keys_list(path: &Path, json: bool) -> Result<(), Failure> {
 }
 
 pub fn keys_revoke(path: &Path, id: &str) -> Result<(), Failure> {
-    with_keys(path, async |_, auth| {
-        match auth.keys().revoke(id, &cli_context()).await {
+    with_keys(path, async |_, keys| {
+        match keys.revoke(id, &cli_context()).await {
             Ok(true) => {
                 println!("revoked {id}");
                 Ok(())
@@ -314,9 +314,8 @@ pub fn audit(path: &Path, since: Option<String>, json: bool) -> Result<(), Failu
                 .with_timezone(&Utc),
         ),
     };
-    with_keys(path, async |_, auth| {
-        let entries = auth
-            .keys()
+    with_keys(path, async |_, keys| {
+        let entries = keys
             .audit(since)
             .await
             .map_err(|e| Failure::Operation(e.to_string()))?;

@@ -306,11 +306,14 @@ impl Forwarder {
             );
         }
 
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        // Origin-form towards the app; an absolute-form target with an empty
+        // path (`http://host?q`) becomes `/?q`.
+        let path_and_query = match parts.uri.path_and_query() {
+            Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
+            Some(pq) => PathAndQuery::try_from(format!("/{}", pq.as_str()))
+                .map_err(|_| Rejection::BadTarget)?,
+            None => PathAndQuery::from_static("/"),
+        };
         let Ok(uri) = Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
