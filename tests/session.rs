@@ -386,7 +386,12 @@ async fn a_refused_or_missing_session_is_401() {
         ] {
             let r = send(addr, method, target, &headers, body).await;
             assert_eq!(r.status, 401, "{method} {target} {headers:?}: {r:?}");
-            assert!(!r.error().is_empty());
+            // "Otherwise 401 as above" (contract §5 -> §3 step 4).
+            assert_eq!(r.error(), "invalid or revoked org API key");
+            assert_eq!(
+                r.header("www-authenticate").as_deref(),
+                Some(r#"Bearer realm="acme", error="invalid_token""#)
+            );
         }
     }
     // Only the refused `wos-session=bad` reached the endpoint, once (negative cache).
