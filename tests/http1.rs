@@ -760,6 +760,12 @@ async fn foreign_or_malformed_host_is_421() {
         "localhost",
         "127.0.0.1",
         "[::1]",
+        "[::1]:8443",
+        "acme.moleculesai.app:443:",
+        "acme.moleculesai.app%2e",
+        "\u{0430}cme.moleculesai.app",
+        "acme.moleculesai.app\u{3002}",
+        "acme%2emoleculesai.app",
     ] {
         env.expect_refused(
             &mut failures,
@@ -940,6 +946,14 @@ async fn ambiguous_paths_are_400() {
     let mut failures: Vec<String> = Vec::new();
     let key = env.mint().await;
     let before = env.up.count();
+    for target in [
+        "http://acme.moleculesai.app/cp/%2e%2e/admin",
+        "http://acme.moleculesai.app/x/../cp/admin",
+        "http://acme.moleculesai.app/cp%2fadmin",
+    ] {
+        env.expect_refused(&mut failures, &req("GET", target, ""), 400, Some(AMBIGUOUS))
+            .await;
+    }
     for path in AMBIGUOUS_PATHS {
         env.expect_refused(&mut failures, &req("GET", path, ""), 400, Some(AMBIGUOUS))
             .await;
@@ -1067,7 +1081,9 @@ async fn deny_prefix_holds_for_every_method_and_credential() {
         "Authorization: Basic dXNlcjpwYXNz\r\n".to_string(),
         "Cookie: wos-session=abc\r\n".to_string(),
     ];
-    for method in ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"] {
+    for method in [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "get", "PROPFIND", "FOO",
+    ] {
         for cred in &credentials {
             for path in ["/cp/admin", "/CP/admin/x", "//cp/%61dmin?x=1"] {
                 let extra = format!("{cred}Content-Length: 0\r\n");
@@ -1091,6 +1107,45 @@ async fn deny_prefix_holds_for_every_method_and_credential() {
     report(&failures);
     env.assert_nothing_forwarded(before, "deny prefix × methods × credentials")
         .await;
+    env.kg.stop().await;
+}
+
+#[tokio::test]
+async fn configured_deny_prefixes_use_the_matching_view() {
+    let env = Env::with(|c| {
+        c.policy.deny_prefixes = vec!["/cp/admin".into(), "/Internal/".into(), "/metrics".into()];
+    })
+    .await;
+    let mut failures: Vec<String> = Vec::new();
+    let before = env.up.count();
+    for path in [
+        "/internal/x",
+        "/INTERNAL/",
+        "//internal//x",
+        "/%69nternal/x",
+        "/metrics",
+        "/Metrics?x",
+        "/metricsx",
+        "/cp/admin",
+    ] {
+        env.expect_refused(&mut failures, &req("GET", path, ""), 403, Some(FORBIDDEN))
+            .await;
+    }
+    env.expect_refused(
+        &mut failures,
+        &req("GET", "/internal%2fx", ""),
+        400,
+        Some(AMBIGUOUS),
+    )
+    .await;
+    report(&failures);
+    env.assert_nothing_forwarded(before, "configured deny prefixes")
+        .await;
+    for path in ["/internal", "/internalx/y", "/x/internal/y", "/metric"] {
+        env.expect_forwarded(&mut failures, &req("GET", path, ""))
+            .await;
+    }
+    report(&failures);
     env.kg.stop().await;
 }
 
@@ -1483,6 +1538,39 @@ async fn spoofed_principal_never_reaches_the_app() {
 }
 
 #[tokio::test]
+async fn configured_principal_header_is_stripped_in_every_spelling() {
+    let env = Env::with(|c| {
+        c.auth.principal_header = http::HeaderName::from_static("x-tenant-user");
+    })
+    .await;
+    let key = env.mint().await;
+    let spoof = "X-Tenant-User: evil\r\nx_tenant_user: evil\r\nX.Tenant.User: evil\r\n\
+                 X-TENANT-USER: evil\r\nConnection: X-Tenant-User\r\n";
+    let is_spelling = |n: &str| n.to_ascii_lowercase().replace(['_', '.'], "-") == "x-tenant-user";
+    let (_, seen) = env.forwarded(&req("GET", "/x", spoof)).await;
+    let got: Vec<_> = seen
+        .headers
+        .keys()
+        .filter(|n| is_spelling(n.as_str()))
+        .collect();
+    assert!(got.is_empty(), "anonymous request kept {got:?}");
+    let (_, seen) = env
+        .forwarded(&req("GET", "/x", &format!("{spoof}{}", bearer(&key.token))))
+        .await;
+    let got: Vec<_> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| is_spelling(n.as_str()))
+        .map(|(n, v)| (n.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("x-tenant-user".to_string(), format!("org-key:{}", key.id))]
+    );
+    env.kg.stop().await;
+}
+
+#[tokio::test]
 async fn connection_cannot_remove_the_injected_principal() {
     let env = Env::start().await;
     let key = env.mint().await;
@@ -1590,6 +1678,55 @@ async fn h2c_upgrade_is_not_forwarded_and_served_as_http1() {
 }
 
 #[tokio::test]
+async fn connection_cannot_remove_headers_keygate_sets() {
+    let env = Env::start().await;
+    let key = env.mint().await;
+    let bytes = req(
+        "GET",
+        "/x",
+        &format!(
+            "Connection: X-Forwarded-For, X-Forwarded-Host, X-Forwarded-Proto, X-Request-Id, Host\r\n\
+             X-Request-Id: rid-7\r\n{}",
+            bearer(&key.token)
+        ),
+    );
+    let (r, seen) = env.forwarded(&bytes).await;
+    assert_eq!(header_all(&seen, "host"), vec![HOST.to_string()]);
+    assert_eq!(
+        header_all(&seen, "x-forwarded-for"),
+        vec!["127.0.0.1".to_string()]
+    );
+    assert_eq!(
+        header_all(&seen, "x-forwarded-host"),
+        vec![HOST.to_string()]
+    );
+    assert_eq!(
+        header_all(&seen, "x-forwarded-proto"),
+        vec!["http".to_string()]
+    );
+    assert_eq!(header_all(&seen, "x-request-id"), vec!["rid-7".to_string()]);
+    assert_eq!(r.header("x-request-id").as_deref(), Some("rid-7"));
+    assert_eq!(
+        header_all(&seen, "x-molecule-principal"),
+        vec![format!("org-key:{}", key.id)]
+    );
+    env.kg.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_upgrade_on_other_methods_is_not_forwarded() {
+    let env = Env::start().await;
+    let bytes = format!(
+        "POST /x HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n"
+    );
+    let (r, seen) = env.forwarded(bytes.as_bytes()).await;
+    assert!(r.head.starts_with("HTTP/1.1 200"), "{r:?}");
+    assert!(seen.headers.get("upgrade").is_none());
+    env.kg.stop().await;
+}
+
+#[tokio::test]
 async fn hop_by_hop_response_headers_are_not_returned() {
     let env = Env::start().await;
     let (r, _) = env.forwarded(&req("GET", "/hop", "")).await;
@@ -1612,6 +1749,8 @@ async fn x_forwarded_for_is_replaced_for_an_untrusted_peer() {
         "X-Forwarded-For: 1.2.3.4\r\n",
         "X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 5.6.7.8\r\n",
         "x-forwarded-for: 1.2.3.4, 9.9.9.9\r\n",
+        "X-Forwarded-For: 127.0.0.1\r\n",
+        "X-Forwarded-For: garbage\r\n",
     ] {
         let (_, seen) = env.forwarded(&req("GET", "/x", extra)).await;
         assert_eq!(
@@ -1640,6 +1779,17 @@ async fn x_forwarded_for_is_appended_for_a_trusted_peer() {
     assert_eq!(
         header_all(&seen, "x-forwarded-for"),
         vec!["127.0.0.1".to_string()]
+    );
+    let (_, seen) = env
+        .forwarded(&req(
+            "GET",
+            "/x",
+            "X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 5.6.7.8, 9.9.9.9\r\n",
+        ))
+        .await;
+    assert_eq!(
+        header_all(&seen, "x-forwarded-for").join(", "),
+        "1.2.3.4, 5.6.7.8, 9.9.9.9, 127.0.0.1"
     );
     env.kg.stop().await;
 }
