@@ -31,10 +31,7 @@ use crate::proxy::AccessRecord;
 use crate::shutdown::{Signal, Tracker};
 use crate::tls::TlsAcceptor;
 
-/// Largest request head (request line + headers) keygate reads: 64 KiB → 431.
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Most request header fields: 100 → 431 beyond.
-pub const MAX_HEADERS: usize = 100;
+use crate::request::{MAX_HEADERS, MAX_HEAD_BYTES};
 
 pub async fn serve(
     listener: TcpListener,
@@ -156,7 +153,9 @@ async fn serve_connection<IO>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        // ConnIo enforces header and idle timeouts for both protocols.
+        // ConnIo enforces header and idle timeouts for both protocols. The
+        // parser's buffer is a coarse bound; the gate enforces the exact
+        // head limit (request::MAX_HEAD_BYTES) with a JSON 431.
         .header_read_timeout(None)
         .max_headers(MAX_HEADERS)
         .max_buf_size(MAX_HEAD_BYTES.max(8192) + 1024)
@@ -164,7 +163,7 @@ async fn serve_connection<IO>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_header_list_size((MAX_HEAD_BYTES + MAX_HEADERS * 32 + 1024) as u32)
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
@@ -174,8 +173,10 @@ async fn serve_connection<IO>(
         let app = app.clone();
         let info = info.clone();
         let guard = InflightGuard::new(svc_state.clone());
+        let fragment = svc_state.fragment.swap(false, Ordering::AcqRel);
         async move {
-            let (resp, record) = crate::proxy::handle(app, info, req).await;
+            let refused = fragment.then_some(crate::error::Rejection::BadTarget);
+            let (resp, record) = crate::proxy::handle(app, info, req, refused).await;
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 guard.state.upgraded.store(true, Ordering::Release);
             }
@@ -218,6 +219,9 @@ pub struct ConnState {
     upgraded: AtomicBool,
     /// When the first byte of a not-yet-complete request head arrived.
     head_started: Mutex<Option<Instant>>,
+    /// The HTTP/1 request line just read carried a `#fragment` (which the URI
+    /// parser would silently drop): the request is refused with 400.
+    fragment: AtomicBool,
 }
 
 /// Held from the moment a request head is complete until its response body is done.
@@ -301,6 +305,8 @@ pub struct ConnIo<T> {
     /// knowledge or ALPN), where requests are multiplexed and only the idle
     /// rule applies once the preface is in.
     http2: Option<bool>,
+    /// Scanner for the request line of the HTTP/1 request head being read.
+    scan: Option<LineScan>,
 }
 
 impl<T> ConnIo<T> {
@@ -323,6 +329,7 @@ impl<T> ConnIo<T> {
             last_activity: now,
             timer: Box::pin(tokio::time::sleep_until(now + header_timeout)),
             http2: None,
+            scan: Some(LineScan::default()),
         }
     }
 
@@ -365,6 +372,71 @@ impl<T> ConnIo<T> {
 
 use std::future::Future;
 
+/// Finds a `#` in the target of an HTTP/1 request line (`METHOD SP target SP
+/// HTTP/1.x`), fed the bytes as they are read. Only a line of exactly that
+/// shape counts, so body bytes can never be mistaken for one.
+#[derive(Default)]
+struct LineScan {
+    len: usize,
+    spaces: u8,
+    method_ok: bool,
+    method_bad: bool,
+    fragment: bool,
+    version: [u8; 9],
+    version_len: usize,
+}
+
+enum ScanResult {
+    More,
+    Done { fragment: bool },
+}
+
+impl LineScan {
+    fn feed(&mut self, bytes: &[u8]) -> ScanResult {
+        for &b in bytes {
+            if self.len == 0 && (b == b'\r' || b == b'\n') {
+                continue; // empty lines before a request line are allowed
+            }
+            self.len += 1;
+            match b {
+                b'\n' => {
+                    let v = &self.version[..self.version_len];
+                    let v = v.strip_suffix(b"\r").unwrap_or(v);
+                    let shaped = self.method_ok
+                        && self.spaces == 2
+                        && (v == b"HTTP/1.1" || v == b"HTTP/1.0");
+                    return ScanResult::Done {
+                        fragment: shaped && self.fragment,
+                    };
+                }
+                b' ' => {
+                    self.spaces = self.spaces.saturating_add(1);
+                    if self.spaces == 1 {
+                        self.method_ok = self.len > 1 && !self.method_bad;
+                    }
+                }
+                _ => match self.spaces {
+                    0 if !b.is_ascii_uppercase() => self.method_bad = true,
+                    1 if b == b'#' => self.fragment = true,
+                    2 => {
+                        if self.version_len < self.version.len() {
+                            self.version[self.version_len] = b;
+                            self.version_len += 1;
+                        } else {
+                            return ScanResult::Done { fragment: false };
+                        }
+                    }
+                    _ => {}
+                },
+            }
+            if self.len > 16 * 1024 {
+                return ScanResult::Done { fragment: false };
+            }
+        }
+        ScanResult::More
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -391,6 +463,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
                         if let Ok(mut h) = this.state.head_started.lock() {
                             if h.is_none() {
                                 *h = Some(now);
+                                this.scan = Some(LineScan::default());
+                            }
+                        }
+                    }
+                    if this.http2 == Some(true) {
+                        this.scan = None;
+                    }
+                    if let Some(scan) = &mut this.scan {
+                        match scan.feed(&buf.filled()[before..]) {
+                            ScanResult::More => {}
+                            ScanResult::Done { fragment } => {
+                                if fragment {
+                                    this.state.fragment.store(true, Ordering::Release);
+                                }
+                                this.scan = None;
                             }
                         }
                     }
@@ -446,3 +533,41 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
 
 /// Plain TCP and TLS streams both go through [`serve_connection`].
 pub type PlainStream = TcpStream;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(chunks: &[&[u8]]) -> Option<bool> {
+        let mut s = LineScan::default();
+        for c in chunks {
+            if let ScanResult::Done { fragment } = s.feed(c) {
+                return Some(fragment);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn request_line_fragments() {
+        let t = |line: &[u8], want: Option<bool>| assert_eq!(scan(&[line]), want, "{line:?}");
+        t(b"GET /a#b HTTP/1.1\r\n", Some(true));
+        t(b"GET /#/../cp/admin HTTP/1.1\r\nHost: x\r\n", Some(true));
+        t(b"\r\nGET /a?q=1#f HTTP/1.0\r\n", Some(true));
+        t(b"GET /a HTTP/1.1\r\n", Some(false));
+        t(b"GET /a?x=%23 HTTP/1.1\r\n", Some(false));
+        // Not a request line: body bytes, headers, garbage.
+        t(b"hello #1 world\n", Some(false));
+        t(b"X-Foo: a #b\r\n", Some(false));
+        t(b"get /a#b HTTP/1.1\r\n", Some(false));
+        t(b"GET /a#b HTTP/2.0\r\n", Some(false));
+        t(b"GET /a#b HTTP/1.1 x\r\n", Some(false));
+        t(b"GET /a#b", None);
+        // Split across reads.
+        assert_eq!(
+            scan(&[b"GE", b"T /x", b"#y HT", b"TP/1.1\r", b"\n"]),
+            Some(true)
+        );
+        assert_eq!(scan(&[b"GET /x HTTP/1.1", b"\r\n"]), Some(false));
+    }
+}

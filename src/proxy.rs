@@ -68,6 +68,7 @@ pub async fn handle(
     app: Arc<App>,
     conn: Arc<ConnInfo>,
     mut req: Request<Incoming>,
+    refused: Option<Rejection>,
 ) -> (Response<ProxyBody>, Option<Box<AccessRecord>>) {
     let started = Instant::now();
     let request_id = request_id(req.headers());
@@ -91,16 +92,23 @@ pub async fn handle(
         } else {
             None
         };
-    let (outcome, response) = match decide(
-        &app,
-        &conn,
-        req,
-        &request_id,
-        client_upgrade,
-        record.as_deref_mut(),
-    )
-    .await
-    {
+    let decided = match refused {
+        // Refused by the connection layer before parsing could show it (a
+        // request-line fragment): answered here like any other refusal.
+        Some(rejection) => Err(rejection),
+        None => {
+            decide(
+                &app,
+                &conn,
+                req,
+                &request_id,
+                client_upgrade,
+                record.as_deref_mut(),
+            )
+            .await
+        }
+    };
+    let (outcome, response) = match decided {
         Ok((outcome, resp)) => (outcome, resp),
         Err(rejection) => (rejection.outcome(), app.reject(rejection, &request_id)),
     };

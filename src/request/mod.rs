@@ -90,6 +90,7 @@ impl Gate {
             return Err(Rejection::MethodNotAllowed);
         }
         check_framing(parts)?;
+        check_head_size(parts)?;
         let target_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
         if target_len > MAX_TARGET_LEN {
             return Err(Rejection::UriTooLong);
@@ -118,6 +119,32 @@ impl Gate {
     pub fn is_served(&self, authority: &str) -> bool {
         host::is_served(authority.as_bytes(), &self.served_hosts)
     }
+}
+
+/// Most request header fields keygate accepts (contract §3 step 6): 431 beyond.
+pub const MAX_HEADERS: usize = 100;
+/// Largest request head (request line + header fields) keygate accepts: 431 beyond.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The parser's own limits are approximate (hyper's read buffer may take in a
+/// larger head in one read, and HTTP/2 counts differently); this is the exact
+/// contract limit, measured on the head as HTTP/1.1 would carry it.
+fn check_head_size(parts: &Parts) -> Result<(), Rejection> {
+    if parts.headers.len() > MAX_HEADERS {
+        return Err(Rejection::HeadersTooLarge);
+    }
+    // "METHOD SP target SP HTTP/1.1 CRLF" + "name: value CRLF" each + CRLF.
+    let mut size = parts.method.as_str().len()
+        + parts.uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + 13
+        + 2;
+    for (name, value) in &parts.headers {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    if size > MAX_HEAD_BYTES {
+        return Err(Rejection::HeadersTooLarge);
+    }
+    Ok(())
 }
 
 /// `Content-Length` with `Transfer-Encoding`, more than one `Transfer-Encoding`
