@@ -560,6 +560,21 @@ async fn target_over_8_kib_is_414() {
     env.kg.stop().await;
 }
 
+#[tokio::test]
+async fn absolute_form_in_http_1_0_is_400() {
+    let env = Env::start().await;
+    let before = env.up.count();
+    env.refused(
+        format!("GET http://{HOST}/x HTTP/1.0\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+        400,
+        None,
+    )
+    .await;
+    env.assert_nothing_forwarded(before, "HTTP/1.0 absolute-form")
+        .await;
+    env.kg.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // Step 1: framing
 // ---------------------------------------------------------------------------
@@ -666,6 +681,77 @@ async fn content_length_with_transfer_encoding_is_400() {
     }
     report(&failures);
     env.assert_nothing_forwarded(before, "CL + TE").await;
+    env.kg.stop().await;
+}
+
+/// A refused request whose body is itself a request: after the refusal, the
+/// body must never be read as a next request on the connection.
+#[tokio::test]
+async fn body_of_a_refused_request_is_not_a_second_request() {
+    let env = Env::start().await;
+    let smuggled = format!("GET /smuggled HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    let chunked = format!("{:x}\r\n{smuggled}\r\n0\r\n\r\n", smuggled.len());
+    let cases = [
+        (
+            "/cp/admin",
+            String::new(),
+            format!("Content-Length: {}\r\n", smuggled.len()),
+            smuggled.clone(),
+        ),
+        (
+            "/x",
+            bearer("mok_bad"),
+            format!("Content-Length: {}\r\n", smuggled.len()),
+            smuggled.clone(),
+        ),
+        (
+            "/cp/%2e%2e/x",
+            String::new(),
+            format!("Content-Length: {}\r\n", smuggled.len()),
+            smuggled.clone(),
+        ),
+        (
+            "/cp/admin",
+            String::new(),
+            "Transfer-Encoding: chunked\r\n".to_string(),
+            chunked.clone(),
+        ),
+        (
+            "/x",
+            bearer("mok_bad"),
+            "Transfer-Encoding: chunked\r\n".to_string(),
+            chunked.clone(),
+        ),
+    ];
+    for (path, cred, framing, body) in cases {
+        let before = env.up.count();
+        let mut s = TcpStream::connect(env.kg.public_addr).await.unwrap();
+        let bytes = format!("POST {path} HTTP/1.1\r\nHost: {HOST}\r\n{cred}{framing}\r\n{body}");
+        s.write_all(bytes.as_bytes()).await.unwrap();
+        let r = read_response(&mut s).await;
+        assert!(
+            r.status == 403 || r.status == 401 || r.status == 400,
+            "{}: {r:?}",
+            show(bytes.as_bytes())
+        );
+        // the next request on the connection (if it is still open)
+        let after = format!("GET /after HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+        if s.write_all(after.as_bytes()).await.is_ok() {
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+            let rest = String::from_utf8_lossy(&rest);
+            assert!(
+                rest.matches("HTTP/1.1 ").count() <= 1,
+                "more than one response after the refusal: {rest:?}"
+            );
+        }
+        let seen = env.up.seen();
+        assert!(
+            seen[before..].iter().all(|s| s.uri.path() != "/smuggled"),
+            "the refused request's body reached the app as a request: {}",
+            show(bytes.as_bytes())
+        );
+    }
     env.kg.stop().await;
 }
 
