@@ -22,10 +22,8 @@ use keygate::auth::store::Store;
 use keygate::auth::{Actor, MintRequest, OpContext};
 use keygate::config::{Config, RedisTarget, Secret, StoreBackend};
 
-/// `store.timeout` of the instances under test. Cluster and Sentinel calls may
-/// need a topology look-up first, which a 250 ms bound does not always cover
-/// on a loaded 2-core machine.
-const STORE_TIMEOUT: Duration = Duration::from_secs(1);
+/// `store.timeout` of the instances under test: the contract's default.
+const STORE_TIMEOUT: Duration = Duration::from_millis(250);
 /// Allowance on top of `store.timeout` for one request on a busy machine:
 /// any answer later than `STORE_TIMEOUT + MARGIN` counts as a hang.
 const MARGIN: Duration = Duration::from_millis(1500);
@@ -36,6 +34,11 @@ const PROPAGATION: Duration = Duration::from_secs(2);
 const FAILOVER_DEADLINE: Duration = Duration::from_secs(25);
 /// Bound on keygate serving the tenant again once Redis has failed over.
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(15);
+/// How long the feeds must stay subscribed, without a drop, before a
+/// revocation is expected to travel by the feed alone (longer than the feed's
+/// 1 s liveness probe, which may drop a connection with a stale slot map once
+/// right after a failover).
+const FEED_STABLE: Duration = Duration::from_millis(1500);
 /// Pause between polls.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -243,6 +246,45 @@ async fn revoke_and_propagate(a: &Instance, b: &Instance, key: &Key) -> Duration
         "b refused the key but did not learn the revocation from the feed"
     );
     latency
+}
+
+/// Wait until every instance's feed is live and `port` (the tenant's current
+/// master) counts `instances.len()` subscribers on `channel` (`numsub`:
+/// `SHARDNUMSUB` on a cluster, `NUMSUB` otherwise), continuously for
+/// [`FEED_STABLE`]. Returns how long it took.
+async fn wait_feeds_settled(
+    instances: &[&Instance],
+    port: u16,
+    numsub: &str,
+    channel: &str,
+) -> Duration {
+    let started = Instant::now();
+    let mut since: Option<Instant> = None;
+    loop {
+        let live = instances.iter().all(|i| i.kg.app.auth.feed_live());
+        let subs =
+            tokio::task::block_in_place(|| try_redis_cli(port, &["PUBSUB", numsub, channel]))
+                .and_then(|o| {
+                    o.lines()
+                        .nth(1)
+                        .and_then(|n| n.trim().parse::<usize>().ok())
+                });
+        if live && subs == Some(instances.len()) {
+            let s = *since.get_or_insert_with(Instant::now);
+            if s.elapsed() >= FEED_STABLE {
+                return started.elapsed();
+            }
+        } else {
+            since = None;
+        }
+        assert!(
+            started.elapsed() < RECOVERY_DEADLINE,
+            "feeds not settled on :{port} within {RECOVERY_DEADLINE:?} (all live: {live}, \
+             subscribers: {subs:?} of {})",
+            instances.len()
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// Tenants to try when the second tenant must sit on another shard.
@@ -495,12 +537,19 @@ async fn cluster_failover_of_the_tenant_shard() {
         "other tenant after failover",
     );
 
-    // The feed is re-established: a revocation after the failover propagates.
-    let feed_back = Instant::now();
-    a2.wait_feed_live(RECOVERY_DEADLINE).await;
+    // The feed is re-established (every acme instance subscribed on the new
+    // master): a revocation after the failover propagates by the feed.
+    wait_feeds_settled(
+        &[&a1, &a2, &idle],
+        replica,
+        "SHARDNUMSUB",
+        "keygate:{acme}:revoked",
+    )
+    .await;
     println!(
-        "cluster: feed of acme #2 live {:?} later",
-        feed_back.elapsed()
+        "cluster: feeds subscribed on the new master, stable for {FEED_STABLE:?}, \
+         {:?} after the kill",
+        killed_at.elapsed()
     );
     let latency = revoke_and_propagate(&a1, &a2, &live).await;
     println!("cluster: post-failover revocation reached acme #2 in {latency:?}");
@@ -616,6 +665,12 @@ async fn sentinel_failover_promotes_the_replica_and_keygate_follows() {
     );
 
     // Writes go to the new master and the feed follows it.
+    wait_feeds_settled(&[&a1, &a2], replica, "NUMSUB", "keygate:{acme}:revoked").await;
+    println!(
+        "sentinel: feeds subscribed on the new master, stable for {FEED_STABLE:?}, \
+         {:?} after the kill",
+        killed_at.elapsed()
+    );
     let fresh = a1.mint_http(&admin, "after-failover").await;
     assert_ok(&a2.get(&fresh.token).await, "key minted after the failover");
     let latency = revoke_and_propagate(&a1, &a2, &live).await;
