@@ -786,7 +786,7 @@ async fn an_expired_key_is_refused() {
         if r.status == 401 {
             assert_invalid_key(&r);
             let now = Utc::now();
-            assert!(now >= expires_at, "refused before expires_at");
+            assert!(now >= expires_at, "refused {:?} before expires_at (request started {:?} before)", (expires_at - now).to_std().unwrap_or_default(), (expires_at - started).to_std().unwrap_or_default());
             println!(
                 "expired key refused {:?} after expires_at",
                 (now - expires_at).to_std().unwrap_or_default()
