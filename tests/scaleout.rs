@@ -687,8 +687,6 @@ async fn sentinel_failover_promotes_the_replica_and_keygate_follows() {
 /// answer its first request after the promotion from the new master (the
 /// store can answer; contract §3.4 allows 503 only when it cannot).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: after a Sentinel failover, an instance idle during it answers its first \
-            store-backed request 503 (stale master connection, dropped only after it fails)"]
 async fn sentinel_idle_instance_first_request_after_failover() {
     let mut group = tokio::task::block_in_place(|| SentinelGroup::start("keygate", 3));
     let old_master = group.master.port();

@@ -849,7 +849,11 @@ impl RedisStore {
                     match self.pump(sub, &events).await {
                         FeedEnd::Closed => return,
                         FeedEnd::Lost(why) => {
-                            tracing::warn!(redis = %self.location, reason = %why, "revocation feed lost")
+                            tracing::warn!(redis = %self.location, reason = %why, "revocation feed lost");
+                            // The master may be gone (Sentinel failover): drop the
+                            // command connection too, so the next call asks the
+                            // sentinels instead of failing once on a dead master.
+                            self.forget_connection(None).await;
                         }
                     }
                 }
