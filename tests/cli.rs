@@ -338,7 +338,7 @@ async fn keys_mint_list_revoke_with_the_built_binary() {
     }
     let o = keygate(&["keys", "revoke", "--config", cfg, &json_id]).await;
     assert_exit(&o, 1, "keys revoke (again)");
-    // (That stderr is this one line alone is checked, for now ignored, in
+    // (That stderr is this one line alone is checked in
     // `cli_stderr_holds_no_log_lines`.)
     assert!(
         stderr(&o).lines().any(|l| l.starts_with("error:")),
@@ -364,7 +364,6 @@ async fn keys_mint_list_revoke_with_the_built_binary() {
 /// prints "details on stderr". Log lines of the CLI's own revocation feed
 /// must not be mixed in.
 #[tokio::test]
-#[ignore = "BUG: every `keygate keys|audit` command prints two INFO 'revocation feed connected' JSON log lines on stderr (cli::with_keys starts a full Authenticator with its feed instead of KeyService::standalone)"]
 async fn cli_stderr_holds_no_log_lines() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();

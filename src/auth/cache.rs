@@ -82,6 +82,12 @@ struct Clock {
 }
 
 impl Clock {
+    /// The wall clock, moved by the same test skew as [`Clock::now_ms`].
+    fn wall_now(&self) -> chrono::DateTime<chrono::Utc> {
+        let skew = self.skew_ms.load(Ordering::Relaxed);
+        chrono::Utc::now() + chrono::Duration::milliseconds(i64::try_from(skew).unwrap_or(0))
+    }
+
     #[inline]
     fn now_ms(&self) -> u64 {
         self.base.elapsed().as_millis() as u64 + self.skew_ms.load(Ordering::Relaxed)
@@ -92,6 +98,8 @@ struct Entry {
     principal: Principal,
     /// Monotonic deadline of `expires_at`; [`NEVER`] for a key without expiry.
     expires_ms: u64,
+    /// The key's `expires_at` (wall clock): the exact check near the deadline.
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Last successful check against the store (taken before the read).
     checked_ms: u64,
     /// Feed epoch of that check.
@@ -138,6 +146,24 @@ pub struct Cache {
     feed: AtomicU64,
 }
 
+/// A key's expiry as seen by one store check: time left (from the check's
+/// snapshot) and the wall-clock `expires_at`.
+#[derive(Debug, Clone, Copy)]
+pub struct Expiry {
+    pub left: Duration,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Expiry {
+    /// `left` from now (tests).
+    pub fn after(left: Duration) -> Expiry {
+        Expiry {
+            left,
+            at: chrono::Utc::now() + chrono::Duration::from_std(left).unwrap_or_default(),
+        }
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -176,7 +202,11 @@ impl Cache {
     /// The hot path: one shard read lock, no allocation, no await.
     pub fn probe(&self, hash: &KeyHash, now_ms: u64) -> Probe {
         if let Some(e) = self.entries.get(hash) {
-            if now_ms >= e.expires_ms {
+            // Near the monotonic deadline (ms granularity), decide by the wall
+            // clock: refused from `expires_at` on, never before.
+            let expired = now_ms.saturating_add(2) >= e.expires_ms
+                && e.expires_at.is_none_or(|t| self.clock.wall_now() >= t);
+            if expired {
                 drop(e);
                 self.remove(hash);
                 return Probe::Expired;
@@ -230,16 +260,23 @@ impl Cache {
         &self,
         hash: KeyHash,
         principal: Principal,
-        expires_in: Option<Duration>,
+        expiry: Option<Expiry>,
         at: Snapshot,
     ) -> Option<bool> {
-        let expires_ms = match expires_in {
-            Some(d) => at.now_ms.saturating_add(ms(d)),
+        let expires_at = expiry.map(|e| e.at);
+        let expires_ms = match expiry.map(|e| e.left) {
+            // Rounded up: an entry may outlive `expires_at` by under 1 ms of
+            // clock granularity (then the next check refuses it), never end early.
+            Some(d) => at
+                .now_ms
+                .saturating_add(ms(d))
+                .saturating_add(u64::from(d.subsec_nanos() % 1_000_000 != 0)),
             None => NEVER,
         };
         let fresh = |touched_ms| Entry {
             principal,
             expires_ms,
+            expires_at,
             checked_ms: at.now_ms,
             epoch: at.epoch,
             touched_ms: AtomicU64::new(touched_ms),
@@ -566,7 +603,12 @@ mod tests {
     #[test]
     fn expired_entry_is_dropped() {
         let c = cache();
-        c.insert(h(1), p("a"), Some(Duration::from_secs(2)), c.snapshot());
+        c.insert(
+            h(1),
+            p("a"),
+            Some(Expiry::after(Duration::from_secs(2))),
+            c.snapshot(),
+        );
         assert!(is_hit(c.probe(&h(1), c.now_ms())));
         c.advance(Duration::from_secs(2));
         assert!(matches!(c.probe(&h(1), c.now_ms()), Probe::Expired));

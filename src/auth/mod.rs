@@ -273,6 +273,9 @@ impl Inner {
             }
         };
         let mut at = self.cache.snapshot();
+        // The wall clock at the same instant as the cache clock in `at`, so the
+        // cached expiry deadline is never earlier than `expires_at`.
+        let wall_at_snapshot = Utc::now();
         at.generation = at.generation.min(generation);
         let record = match self.timed("lookup", self.store.lookup(&hash)).await {
             Ok(record) => record,
@@ -290,10 +293,11 @@ impl Inner {
             }
         };
         let principal = Principal::new(&record.id, &record.prefix);
-        let expires_in = record
-            .expires_at
-            .map(|e| (e - now).to_std().unwrap_or(Duration::ZERO));
-        if let Some(touch) = self.cache.insert(hash, principal.clone(), expires_in, at) {
+        let expiry = record.expires_at.map(|e| cache::Expiry {
+            left: (e - wall_at_snapshot).to_std().unwrap_or(Duration::ZERO),
+            at: e,
+        });
+        if let Some(touch) = self.cache.insert(hash, principal.clone(), expiry, at) {
             self.update_size();
             if touch {
                 self.queue_touch(hash);
