@@ -5,11 +5,12 @@
 //! also covers the HTTP/2 preface and idle HTTP/2 connections), header count
 //! and size.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,7 +26,9 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 
 use crate::app::App;
+use crate::error::Rejection;
 use crate::forward::{ConnInfo, ProxyBody};
+use crate::head_scan::{fingerprint_matches, Flagged, HeadScanner};
 use crate::metrics::ConnectionGuard;
 use crate::proxy::AccessRecord;
 use crate::shutdown::{Signal, Tracker};
@@ -147,6 +150,7 @@ async fn serve_connection<IO>(
         state.clone(),
         listen.header_timeout,
         listen.idle_timeout,
+        &app.config.auth.key_prefix,
     );
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -173,9 +177,8 @@ async fn serve_connection<IO>(
         let app = app.clone();
         let info = info.clone();
         let guard = InflightGuard::new(svc_state.clone());
-        let fragment = svc_state.fragment.swap(false, Ordering::AcqRel);
+        let refused = svc_state.take_flagged(req.method(), req.uri());
         async move {
-            let refused = fragment.then_some(crate::error::Rejection::BadTarget);
             let (resp, record) = crate::proxy::handle(app, info, req, refused).await;
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 guard.state.upgraded.store(true, Ordering::Release);
@@ -219,9 +222,43 @@ pub struct ConnState {
     upgraded: AtomicBool,
     /// When the first byte of a not-yet-complete request head arrived.
     head_started: Mutex<Option<Instant>>,
-    /// The HTTP/1 request line just read carried a `#fragment` (which the URI
-    /// parser would silently drop): the request is refused with 400.
-    fragment: AtomicBool,
+    /// Heads the byte-level scan refused (see [`crate::head_scan`]), in order,
+    /// until their parsed request arrives.
+    flagged: Mutex<VecDeque<Flagged>>,
+    has_flagged: AtomicBool,
+    /// The read side's waker while a request is in flight, so the idle timer
+    /// is armed as soon as the last response is done.
+    read_waker: Mutex<Option<Waker>>,
+}
+
+impl ConnState {
+    /// The refusal the head scan recorded for this request, if any.
+    fn take_flagged(&self, method: &http::Method, uri: &http::Uri) -> Option<Rejection> {
+        if !self.has_flagged.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut q = self.flagged.lock().ok()?;
+        let hit = q
+            .front()
+            .is_some_and(|f| fingerprint_matches(&f.fingerprint, method, uri));
+        let rejection = if hit {
+            q.pop_front().map(|f| f.rejection)
+        } else {
+            None
+        };
+        self.has_flagged.store(!q.is_empty(), Ordering::Release);
+        rejection
+    }
+
+    fn push_flagged(&self, f: Flagged) {
+        if let Ok(mut q) = self.flagged.lock() {
+            if q.len() >= 32 {
+                q.pop_front();
+            }
+            q.push_back(f);
+            self.has_flagged.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// Held from the moment a request head is complete until its response body is done.
@@ -241,7 +278,12 @@ impl InflightGuard {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.state.inflight.fetch_sub(1, Ordering::AcqRel);
+        if self.state.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Idle now: let the read side arm the idle/header timer.
+            if let Some(w) = self.state.read_waker.lock().ok().and_then(|mut w| w.take()) {
+                w.wake();
+            }
+        }
     }
 }
 
@@ -305,8 +347,8 @@ pub struct ConnIo<T> {
     /// knowledge or ALPN), where requests are multiplexed and only the idle
     /// rule applies once the preface is in.
     http2: Option<bool>,
-    /// Scanner for the request line of the HTTP/1 request head being read.
-    scan: Option<LineScan>,
+    /// Byte-level look at HTTP/1 heads (fragments, CL+TE, key + whitespace).
+    scan: HeadScanner,
 }
 
 impl<T> ConnIo<T> {
@@ -315,6 +357,7 @@ impl<T> ConnIo<T> {
         state: Arc<ConnState>,
         header_timeout: Duration,
         idle_timeout: Duration,
+        key_prefix: &str,
     ) -> Self {
         let now = Instant::now();
         // A new connection is "a request head in progress" from the start.
@@ -329,7 +372,7 @@ impl<T> ConnIo<T> {
             last_activity: now,
             timer: Box::pin(tokio::time::sleep_until(now + header_timeout)),
             http2: None,
-            scan: Some(LineScan::default()),
+            scan: HeadScanner::new(key_prefix),
         }
     }
 
@@ -372,71 +415,6 @@ impl<T> ConnIo<T> {
 
 use std::future::Future;
 
-/// Finds a `#` in the target of an HTTP/1 request line (`METHOD SP target SP
-/// HTTP/1.x`), fed the bytes as they are read. Only a line of exactly that
-/// shape counts, so body bytes can never be mistaken for one.
-#[derive(Default)]
-struct LineScan {
-    len: usize,
-    spaces: u8,
-    method_ok: bool,
-    method_bad: bool,
-    fragment: bool,
-    version: [u8; 9],
-    version_len: usize,
-}
-
-enum ScanResult {
-    More,
-    Done { fragment: bool },
-}
-
-impl LineScan {
-    fn feed(&mut self, bytes: &[u8]) -> ScanResult {
-        for &b in bytes {
-            if self.len == 0 && (b == b'\r' || b == b'\n') {
-                continue; // empty lines before a request line are allowed
-            }
-            self.len += 1;
-            match b {
-                b'\n' => {
-                    let v = &self.version[..self.version_len];
-                    let v = v.strip_suffix(b"\r").unwrap_or(v);
-                    let shaped = self.method_ok
-                        && self.spaces == 2
-                        && (v == b"HTTP/1.1" || v == b"HTTP/1.0");
-                    return ScanResult::Done {
-                        fragment: shaped && self.fragment,
-                    };
-                }
-                b' ' => {
-                    self.spaces = self.spaces.saturating_add(1);
-                    if self.spaces == 1 {
-                        self.method_ok = self.len > 1 && !self.method_bad;
-                    }
-                }
-                _ => match self.spaces {
-                    0 if !b.is_ascii_uppercase() => self.method_bad = true,
-                    1 if b == b'#' => self.fragment = true,
-                    2 => {
-                        if self.version_len < self.version.len() {
-                            self.version[self.version_len] = b;
-                            self.version_len += 1;
-                        } else {
-                            return ScanResult::Done { fragment: false };
-                        }
-                    }
-                    _ => {}
-                },
-            }
-            if self.len > 16 * 1024 {
-                return ScanResult::Done { fragment: false };
-            }
-        }
-        ScanResult::More
-    }
-}
-
 impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -457,38 +435,42 @@ impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
                             this.state.upgraded.store(true, Ordering::Release);
                         }
                     }
-                    if this.state.inflight.load(Ordering::Acquire) == 0
-                        && !this.state.upgraded.load(Ordering::Acquire)
-                    {
+                    let idle = this.state.inflight.load(Ordering::Acquire) == 0;
+                    if idle && !this.state.upgraded.load(Ordering::Acquire) {
                         if let Ok(mut h) = this.state.head_started.lock() {
                             if h.is_none() {
                                 *h = Some(now);
-                                this.scan = Some(LineScan::default());
-                            }
-                        }
-                    }
-                    if this.http2 == Some(true) {
-                        this.scan = None;
-                    }
-                    if let Some(scan) = &mut this.scan {
-                        match scan.feed(&buf.filled()[before..]) {
-                            ScanResult::More => {}
-                            ScanResult::Done { fragment } => {
-                                if fragment {
-                                    this.state.fragment.store(true, Ordering::Release);
+                                // A new head on an idle connection: resume a scan
+                                // that stopped at a body it could not follow.
+                                if this.scan.is_off() {
+                                    this.scan.restart();
                                 }
-                                this.scan = None;
                             }
                         }
                     }
+                    if this.http2 == Some(true) || this.state.upgraded.load(Ordering::Acquire) {
+                        this.scan.stop();
+                    }
+                    let state = &this.state;
+                    this.scan
+                        .feed(&buf.filled()[before..], &mut |f| state.push_flagged(f));
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => match this.check_deadline(cx) {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
+            Poll::Pending => {
+                if this.state.inflight.load(Ordering::Acquire) > 0 {
+                    if let Ok(mut w) = this.state.read_waker.lock() {
+                        if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            *w = Some(cx.waker().clone());
+                        }
+                    }
+                }
+                match this.check_deadline(cx) {
+                    Ok(()) => Poll::Pending,
+                    Err(e) => Poll::Ready(Err(e)),
+                }
+            }
         }
     }
 }
@@ -533,41 +515,3 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
 
 /// Plain TCP and TLS streams both go through [`serve_connection`].
 pub type PlainStream = TcpStream;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scan(chunks: &[&[u8]]) -> Option<bool> {
-        let mut s = LineScan::default();
-        for c in chunks {
-            if let ScanResult::Done { fragment } = s.feed(c) {
-                return Some(fragment);
-            }
-        }
-        None
-    }
-
-    #[test]
-    fn request_line_fragments() {
-        let t = |line: &[u8], want: Option<bool>| assert_eq!(scan(&[line]), want, "{line:?}");
-        t(b"GET /a#b HTTP/1.1\r\n", Some(true));
-        t(b"GET /#/../cp/admin HTTP/1.1\r\nHost: x\r\n", Some(true));
-        t(b"\r\nGET /a?q=1#f HTTP/1.0\r\n", Some(true));
-        t(b"GET /a HTTP/1.1\r\n", Some(false));
-        t(b"GET /a?x=%23 HTTP/1.1\r\n", Some(false));
-        // Not a request line: body bytes, headers, garbage.
-        t(b"hello #1 world\n", Some(false));
-        t(b"X-Foo: a #b\r\n", Some(false));
-        t(b"get /a#b HTTP/1.1\r\n", Some(false));
-        t(b"GET /a#b HTTP/2.0\r\n", Some(false));
-        t(b"GET /a#b HTTP/1.1 x\r\n", Some(false));
-        t(b"GET /a#b", None);
-        // Split across reads.
-        assert_eq!(
-            scan(&[b"GE", b"T /x", b"#y HT", b"TP/1.1\r", b"\n"]),
-            Some(true)
-        );
-        assert_eq!(scan(&[b"GET /x HTTP/1.1", b"\r\n"]), Some(false));
-    }
-}

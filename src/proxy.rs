@@ -92,22 +92,16 @@ pub async fn handle(
         } else {
             None
         };
-    let decided = match refused {
-        // Refused by the connection layer before parsing could show it (a
-        // request-line fragment): answered here like any other refusal.
-        Some(rejection) => Err(rejection),
-        None => {
-            decide(
-                &app,
-                &conn,
-                req,
-                &request_id,
-                client_upgrade,
-                record.as_deref_mut(),
-            )
-            .await
-        }
-    };
+    let decided = decide(
+        &app,
+        &conn,
+        req,
+        &request_id,
+        client_upgrade,
+        record.as_deref_mut(),
+        refused,
+    )
+    .await;
     let (outcome, response) = match decided {
         Ok((outcome, resp)) => (outcome, resp),
         Err(rejection) => (rejection.outcome(), app.reject(rejection, &request_id)),
@@ -133,15 +127,29 @@ async fn decide(
     request_id: &HeaderValue,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     mut record: Option<&mut AccessRecord>,
+    scanned: Option<Rejection>,
 ) -> Result<(Outcome, Response<ProxyBody>), Rejection> {
     let (parts, body) = req.into_parts();
+
+    // What the byte-level head scan saw that parsing hides (head_scan.rs):
+    // target and framing problems are step 1; a key followed by whitespace
+    // is a failed key, decided at step 4 below.
+    let key_malformed = match scanned {
+        Some(Rejection::Unauthorized) => true,
+        Some(rejection) => return Err(rejection),
+        None => false,
+    };
 
     // Steps 1–3: target, Host, path. Pure; nothing reaches the app on refusal.
     let admitted = app.gate.check(&parts)?;
 
     // Step 4: the credential.
     let prefix = app.config.auth.key_prefix.as_str();
-    let identity = match credential::parse(&parts.headers, prefix)? {
+    let credential = credential::parse(&parts.headers, prefix)?;
+    if key_malformed {
+        return Err(Rejection::Unauthorized);
+    }
+    let identity = match credential {
         Credential::OrgKey(tok) => {
             if !token::check_format(tok, prefix) {
                 return Err(Rejection::Unauthorized);

@@ -63,7 +63,8 @@ pub fn check(parts: &Parts) -> Result<bool, Rejection> {
             let mut hosts = parts.headers.get_all(HOST).iter();
             match (hosts.next(), hosts.next()) {
                 (Some(host), None) => {
-                    if eq_host(authority.as_str().as_bytes(), host.as_bytes()) {
+                    let a = authority.as_str().as_bytes();
+                    if eq_host(a, host.as_bytes()) && port_of(a) == port_of(host.as_bytes()) {
                         Ok(true)
                     } else {
                         Err(Rejection::BadTarget)
@@ -75,6 +76,18 @@ pub fn check(parts: &Parts) -> Result<bool, Rejection> {
         }
         _ => Err(Rejection::BadTarget),
     }
+}
+
+/// The port of an authority (`h:8443` → `8443`, `[::1]:80` → `80`), if any:
+/// an absolute-form target must name the Host's port exactly, or the app
+/// (RFC 9112 §3.2.2: the target's authority wins) could see another one.
+fn port_of(authority: &[u8]) -> Option<&[u8]> {
+    let host_end = match authority.iter().rposition(|&b| b == b']') {
+        Some(i) => i + 1,
+        None => 0,
+    };
+    let colon = authority[host_end..].iter().rposition(|&b| b == b':')?;
+    Some(&authority[host_end + colon + 1..])
 }
 
 #[cfg(test)]
@@ -145,8 +158,25 @@ mod tests {
             "http://acme.moleculesai.app",
             "http://acme.moleculesai.app?q",
         ] {
-            t!(V::HTTP_11, target, H, Ok(true));
-            t!(V::HTTP_11, target, &["ACME.moleculesai.app.:80"], Ok(true));
+            // Host in another case and with one trailing dot, same port.
+            let port = target
+                .strip_prefix("http://")
+                .or_else(|| target.strip_prefix("https://"))
+                .or_else(|| target.strip_prefix("HTTP://"))
+                .and_then(|rest| rest.split(['/', '?']).next())
+                .and_then(|auth| auth.split_once(':').map(|(_, p)| format!(":{p}")))
+                .unwrap_or_default();
+            let host = format!("ACME.moleculesai.app.{port}");
+            t!(V::HTTP_11, target, &[host.as_str()], Ok(true));
+            let plain = if port.is_empty() { Ok(true) } else { bad };
+            t!(V::HTTP_11, target, H, plain);
+            // A different port (or a port on one side only) is another authority.
+            let other = if port.is_empty() {
+                "acme.moleculesai.app:80".to_string()
+            } else {
+                "acme.moleculesai.app".to_string()
+            };
+            t!(V::HTTP_11, target, &[other.as_str()], bad);
             t!(V::HTTP_10, target, H, bad);
             t!(V::HTTP_11, target, &["evil.com"], bad);
             t!(V::HTTP_11, target, &["acme.moleculesai.app.."], bad);
@@ -156,7 +186,9 @@ mod tests {
             t!(V::HTTP_11, target, &[] as &[&str], Ok(true));
             t!(V::HTTP_11, target, &["evil.com", "evil.com"], Ok(true));
         }
-        t!(V::HTTP_11, "http://[::1]:8080/x", &["[::1]"], Ok(true));
+        t!(V::HTTP_11, "http://[::1]:8080/x", &["[::1]:8080"], Ok(true));
+        t!(V::HTTP_11, "http://[::1]:8080/x", &["[::1]"], bad);
+        t!(V::HTTP_11, "http://[::1]/x", &["[::1]"], Ok(true));
         t!(V::HTTP_11, "http://[::1]:8080/x", &["[::2]"], bad);
         t!(V::HTTP_11, "http://localhost/x", H, bad);
     }
