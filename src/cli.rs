@@ -34,9 +34,16 @@ fn load(path: &Path) -> Result<Config, Failure> {
     Ok(config)
 }
 
+/// `workers == 1`: a current-thread runtime (no cross-thread scheduling at
+/// all, the cheapest for a sidecar pinned to one core); otherwise a
+/// multi-thread runtime with that many workers (0: one per core).
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, Failure> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    let mut b = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
         b.worker_threads(workers);
     }
     b.enable_all()
