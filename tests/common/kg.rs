@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keygate::app::{Listeners, RunHandle};
 use keygate::auth::store::Store;
+use keygate::auth::{Actor, MintRequest, OpContext};
 use keygate::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +35,52 @@ pub async fn start(config: Config, store: Store) -> RunHandle {
     )
     .await
     .expect("keygate starts")
+}
+
+/// The operator context the tests mint and revoke with (actor `cli:test`).
+pub fn op_ctx() -> OpContext {
+    OpContext {
+        actor: Actor("cli:test".into()),
+        client: None,
+        user_agent: None,
+    }
+}
+
+/// A key minted directly through the key service.
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub token: String,
+    pub id: String,
+}
+
+/// Mint `req` through the running keygate's key service.
+pub async fn mint_request(kg: &RunHandle, req: MintRequest) -> Key {
+    let minted = kg.app.auth.keys().mint(req, &op_ctx()).await.expect("mint");
+    Key {
+        token: minted.token.expose().to_string(),
+        id: minted.record.id.clone(),
+    }
+}
+
+/// Mint a key named `name` that never expires (the ceiling enforced).
+pub async fn mint_key(kg: &RunHandle, name: Option<&str>) -> Key {
+    let req = MintRequest {
+        name: name.map(Into::into),
+        expires_at: None,
+        enforce_ceiling: true,
+    };
+    mint_request(kg, req).await
+}
+
+/// A key minted as ops would bootstrap one (named `bootstrap`, past the
+/// ceiling); it is not the subject of the test that uses it. Its token.
+pub async fn bootstrap_key(kg: &RunHandle) -> String {
+    let req = MintRequest {
+        name: Some("bootstrap".into()),
+        expires_at: None,
+        enforce_ceiling: false,
+    };
+    mint_request(kg, req).await.token
 }
 
 /// A parsed HTTP/1.1 response read from a raw socket.
