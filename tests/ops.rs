@@ -7,17 +7,15 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::kg::{self, get, raw, RawResponse, HOST};
+use common::bin::{Serve, Served, BIN};
+use common::kg::{self, get, raw, Key, RawResponse, HOST};
 use common::upstream::Upstream;
 use keygate::app::RunHandle;
 use keygate::auth::store::Store;
-use keygate::auth::{Actor, MintRequest, OpContext};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
 // ---- admin listener (in-process) -------------------------------------------------
 
@@ -69,29 +67,6 @@ fn flatten(v: &serde_json::Value, out: &mut Vec<(String, String)>) {
             }
         }
     }
-}
-
-async fn mint(kg: &RunHandle) -> (String, String) {
-    let ctx = OpContext {
-        actor: Actor("cli:test".into()),
-        client: None,
-        user_agent: None,
-    };
-    let minted = kg
-        .app
-        .auth
-        .keys()
-        .mint(
-            MintRequest {
-                name: Some("ops".into()),
-                expires_at: None,
-                enforce_ceiling: true,
-            },
-            &ctx,
-        )
-        .await
-        .expect("mint");
-    (minted.token.expose().to_string(), minted.record.id.clone())
 }
 
 #[tokio::test]
@@ -186,7 +161,7 @@ async fn request_counters_move_by_exactly_one_per_outcome() {
 async fn cache_and_revocation_metrics_move() {
     let up = Upstream::start().await;
     let kg = kg::start(kg::config(up.url()), Store::memory("acme")).await;
-    let (token, id) = mint(&kg).await;
+    let Key { token, id } = kg::mint_key(&kg, Some("ops")).await;
     let auth = format!("Authorization: Bearer {token}\r\n");
 
     let before = metrics(&kg).await;
@@ -260,112 +235,16 @@ async fn admin_paths_are_not_served_on_the_public_listener() {
 
 // ---- the built binary ------------------------------------------------------------
 
-const BIN: &str = env!("CARGO_BIN_EXE_keygate");
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
-    l.local_addr().expect("local addr")
-}
-
-/// `keygate serve` as a child process (killed if the test fails).
-struct Served {
-    child: Child,
-    public: SocketAddr,
-    admin: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Served {
-    /// Start with a generated config (memory store); `extra` is appended TOML
-    /// under `[log]`-free sections; output goes to files in the temp dir.
-    async fn start(upstream: SocketAddr, grace: &str, extra: &str, env: &[(&str, &str)]) -> Served {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (public, admin) = (free_addr(), free_addr());
-        let config = dir.path().join("keygate.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[listen]\naddr = \"{public}\"\nshutdown_grace = \"{grace}\"\n\n\
-                 [admin]\naddr = \"{admin}\"\n\n\
-                 [tenant]\nslug = \"acme\"\n\n[store]\nbackend = \"memory\"\n\n\
-                 [upstream]\nurl = \"http://{upstream}\"\n{extra}\n"
-            ),
-        )
-        .expect("write config");
-        let stdout = std::fs::File::create(dir.path().join("stdout.log")).unwrap();
-        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn keygate");
-        let mut s = Served {
-            child,
-            public,
-            admin,
-            dir,
-        };
-        s.wait_healthy().await;
-        s
+/// `keygate serve` with the memory store and `shutdown_grace = <grace>`;
+/// `extra` goes on under `[upstream]`.
+async fn serve(upstream: SocketAddr, grace: &str, extra: &str, env: &[(&str, &str)]) -> Served {
+    let mut serve = Serve::at(upstream)
+        .listen(&format!("shutdown_grace = \"{grace}\"\n"))
+        .rest(extra);
+    for (k, v) in env {
+        serve = serve.env(k, v);
     }
-
-    async fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("child status") {
-                panic!(
-                    "keygate exited during start-up: {status}\n{}",
-                    self.output()
-                );
-            }
-            if let Ok(mut s) = TcpStream::connect(self.admin).await {
-                let req = "GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
-                if s.write_all(req.as_bytes()).await.is_ok()
-                    && kg::read_response(&mut s).await.status == 200
-                {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "keygate not healthy within 20s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn signal_term(&self) {
-        self.signal("-TERM");
-    }
-
-    fn signal(&self, which: &str) {
-        let pid = self.child.id().expect("still running");
-        let status = std::process::Command::new("kill")
-            .arg(which)
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {which} {pid}");
-    }
-
-    /// Wait (bounded) for the process to exit.
-    async fn exit_within(&mut self, limit: Duration) -> std::process::ExitStatus {
-        match tokio::time::timeout(limit, self.child.wait()).await {
-            Ok(status) => status.expect("wait"),
-            Err(_) => panic!("keygate still running {limit:?} after the signal"),
-        }
-    }
-
-    /// Everything the process wrote so far (stdout then stderr).
-    fn output(&self) -> String {
-        let read =
-            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        format!("{}{}", read("stdout.log"), read("stderr.log"))
-    }
+    serve.start().await
 }
 
 /// Send `GET <path>` and read the whole answer on a task; (status, body).
@@ -417,7 +296,7 @@ async fn wait_refused(addr: SocketAddr, within: Duration) -> Instant {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     let up = Upstream::start().await;
-    let mut kg = Served::start(up.addr, "10s", "", &[]).await;
+    let mut kg = serve(up.addr, "10s", "", &[]).await;
     let in_flight = request_in_background(kg.public, "/slow/1500");
     up.wait_for(1).await; // the app has the request
     let signalled = Instant::now();
@@ -443,7 +322,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_an_in_flight_http2_stream() {
     let up = Upstream::start().await;
-    let mut kg = Served::start(up.addr, "10s", "", &[]).await;
+    let mut kg = serve(up.addr, "10s", "", &[]).await;
     let mut h2 = kg::h2_client(kg.public).await;
     let in_flight = tokio::spawn(async move {
         let req = http::Request::builder()
@@ -468,7 +347,7 @@ async fn sigterm_finishes_an_in_flight_http2_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_drains_like_sigterm() {
     let up = Upstream::start().await;
-    let mut kg = Served::start(up.addr, "10s", "", &[]).await;
+    let mut kg = serve(up.addr, "10s", "", &[]).await;
     let in_flight = request_in_background(kg.public, "/slow/800");
     up.wait_for(1).await;
     kg.signal("-INT");
@@ -485,7 +364,7 @@ async fn sigint_drains_like_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grace_bounds_the_drain() {
     let up = Upstream::start().await;
-    let mut kg = Served::start(up.addr, "1s", "", &[]).await;
+    let mut kg = serve(up.addr, "1s", "", &[]).await;
     let in_flight = request_in_background(kg.public, "/slow/20000");
     up.wait_for(1).await;
     let signalled = Instant::now();
@@ -504,7 +383,7 @@ async fn the_grace_bounds_the_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_do_not_hold_up_the_exit() {
     let up = Upstream::start().await;
-    let mut kg = Served::start(up.addr, "20s", "", &[]).await;
+    let mut kg = serve(up.addr, "20s", "", &[]).await;
     // One HTTP/1.1 keep-alive connection and one HTTP/2 connection, both idle.
     let mut idle = TcpStream::connect(kg.public).await.unwrap();
     let req = format!("GET /first HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
@@ -533,7 +412,7 @@ async fn idle_keep_alive_connections_do_not_hold_up_the_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_exits_at_once() {
     let up = Upstream::start().await;
-    let mut kg = Served::start(up.addr, "30s", "", &[]).await;
+    let mut kg = serve(up.addr, "30s", "", &[]).await;
     let in_flight = request_in_background(kg.public, "/slow/8000");
     up.wait_for(1).await;
     kg.signal_term();
@@ -552,7 +431,7 @@ async fn a_second_sigterm_exits_at_once() {
 async fn logs_never_contain_tokens_or_secrets() {
     let up = Upstream::start().await;
     let upstream_secret = "UpstreamAdminSecret-7c1e5a";
-    let mut kg = Served::start(
+    let mut kg = serve(
         up.addr,
         "5s",
         "authorization = \"env:KG_TEST_UPSTREAM_SECRET\"\n\n[log]\nlevel = \"trace\"\nformat = \"json\"\n",
