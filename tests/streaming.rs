@@ -8,15 +8,14 @@ mod common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::pin::Pin;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::bin::{Serve, Served};
 use common::kg::{read_response, HOST};
 use common::upstream::Upstream;
 use http_body_util::{BodyExt, Empty};
@@ -25,7 +24,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -34,94 +32,12 @@ const RSS_LIMIT: u64 = 64 * MIB;
 
 // ---- the built binary ------------------------------------------------------------
 
-/// `keygate serve` as a child process, killed when dropped.
-struct Keygate {
-    child: Child,
-    public: SocketAddr,
-    admin: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
-    l.local_addr().expect("local addr")
-}
-
-impl Keygate {
-    async fn start(upstream: SocketAddr) -> Keygate {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (public, admin) = (free_addr(), free_addr());
-        let path = dir.path().join("keygate.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[listen]\naddr = \"{public}\"\n\n[admin]\naddr = \"{admin}\"\n\n\
-                 [upstream]\nurl = \"http://{upstream}\"\n\n[tenant]\nslug = \"acme\"\n\n\
-                 [store]\nbackend = \"memory\"\n\n[log]\nlevel = \"warn\"\n"
-            ),
-        )
-        .expect("write config");
-        let child = spawn(&path);
-        let mut kg = Keygate {
-            child,
-            public,
-            admin,
-            _dir: dir,
-        };
-        kg.wait_healthy().await;
-        kg
-    }
-
-    async fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("child status") {
-                panic!("keygate exited during start-up: {status}");
-            }
-            if let Ok(mut s) = TcpStream::connect(self.admin).await {
-                let req = "GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
-                if s.write_all(req.as_bytes()).await.is_ok()
-                    && read_response(&mut s).await.status == 200
-                {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "keygate not healthy within 20s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().expect("running")
-    }
-
-    /// (VmRSS, VmHWM) in bytes.
-    fn memory(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/<pid>/status");
-        let field = |name: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("{name} missing in /proc status"))
-                * 1024
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-}
-
-fn spawn(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn keygate")
+/// `keygate serve` in front of `upstream`, memory store, logging warnings.
+async fn start_keygate(upstream: SocketAddr) -> Served {
+    Serve::at(upstream)
+        .rest("\n[log]\nlevel = \"warn\"\n")
+        .start()
+        .await
 }
 
 // ---- a generated body ------------------------------------------------------------
@@ -202,7 +118,7 @@ async fn big_app() -> (SocketAddr, Arc<AtomicU64>) {
 // ---- tests -----------------------------------------------------------------------
 
 /// Warm keygate up (connection pool, buffers) so the baseline is fair.
-async fn warm_up(kg: &Keygate, path: &str) {
+async fn warm_up(kg: &Served, path: &str) {
     let mut s = TcpStream::connect(kg.public).await.unwrap();
     let req = format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
@@ -212,7 +128,7 @@ async fn warm_up(kg: &Keygate, path: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_upload_streams_with_bounded_memory() {
     let up = Upstream::start().await;
-    let kg = Keygate::start(up.addr).await;
+    let kg = start_keygate(up.addr).await;
     warm_up(&kg, "/warm").await;
     let (rss_before, _) = kg.memory();
 
@@ -260,7 +176,7 @@ async fn one_gib_upload_streams_with_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_download_streams_with_bounded_memory() {
     let (app, _) = big_app().await;
-    let kg = Keygate::start(app).await;
+    let kg = start_keygate(app).await;
     warm_up(&kg, "/big/10").await;
     let (rss_before, _) = kg.memory();
 
@@ -313,7 +229,7 @@ async fn a_stalled_client_pushes_back_on_the_app() {
     // The client reads the response head and then nothing: keygate must stop
     // reading from the app (backpressure) instead of buffering the body.
     let (app, produced) = big_app().await;
-    let kg = Keygate::start(app).await;
+    let kg = start_keygate(app).await;
     warm_up(&kg, "/big/10").await;
     let (rss_before, _) = kg.memory();
     let warm = produced.load(Ordering::Relaxed);
