@@ -10,22 +10,21 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::kg::{self, HOST};
+use common::bin::{self, free_addr, port_is_free, Proc, Serve};
+use common::kg::{self, Key, HOST};
 use common::upstream::Upstream;
 use http::{Request, Version};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keygate::auth::store::Store;
-use keygate::auth::{Actor, MintRequest, OpContext};
 use keygate::config::TlsConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
 
@@ -86,7 +85,7 @@ struct Leaf {
 
 /// Certificate and key files in a temporary directory.
 struct Files {
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     cert: PathBuf,
     key: PathBuf,
 }
@@ -96,7 +95,11 @@ impl Files {
         let dir = tempfile::tempdir().expect("tempdir");
         let cert = dir.path().join("tls.crt");
         let key = dir.path().join("tls.key");
-        let f = Files { dir, cert, key };
+        let f = Files {
+            _dir: dir,
+            cert,
+            key,
+        };
         f.write(leaf);
         f
     }
@@ -272,7 +275,7 @@ async fn start_tls() -> TlsKg {
     let mut config = kg::config(up.url());
     config.listen.tls = Some(files.tls_config());
     let kg = kg::start(config, Store::memory("acme")).await;
-    let (token, key_id) = mint(&kg).await;
+    let Key { token, id: key_id } = kg::mint_key(&kg, None).await;
     TlsKg {
         kg,
         up,
@@ -281,29 +284,6 @@ async fn start_tls() -> TlsKg {
         token,
         key_id,
     }
-}
-
-async fn mint(kg: &keygate::app::RunHandle) -> (String, String) {
-    let ctx = OpContext {
-        actor: Actor("cli:test".into()),
-        client: None,
-        user_agent: None,
-    };
-    let minted = kg
-        .app
-        .auth
-        .keys()
-        .mint(
-            MintRequest {
-                name: None,
-                expires_at: None,
-                enforce_ceiling: true,
-            },
-            &ctx,
-        )
-        .await
-        .expect("mint");
-    (minted.token.expose().to_string(), minted.record.id.clone())
 }
 
 fn assert_forwarded(seen: &common::upstream::Seen, key_id: &str, path: &str) {
@@ -621,47 +601,8 @@ async fn tls11_and_lower_are_refused() {
 // The built binary: SIGHUP reload and start-up errors
 // ---------------------------------------------------------------------------
 
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
-fn port_is_free(addr: SocketAddr) -> bool {
-    std::net::TcpListener::bind(addr).is_ok()
-}
-
-fn write_toml(
-    dir: &Path,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    upstream: &str,
-    tls: &str,
-) -> PathBuf {
-    let path = dir.join("keygate.toml");
-    let text = format!(
-        r#"[listen]
-addr = "{listen}"
-{tls}
-[admin]
-addr = "{admin}"
-
-[upstream]
-url = "{upstream}"
-
-[tenant]
-slug = "acme"
-
-[store]
-backend = "memory"
-
-[log]
-format = "json"
-level = "info"
-"#
-    );
-    std::fs::write(&path, text).expect("write config");
-    path
-}
+/// JSON logs at info, so that error lines can be picked out.
+const LOG_JSON: &str = "\n[log]\nformat = \"json\"\nlevel = \"info\"\n";
 
 fn tls_section(cert: &Path, key: &Path) -> String {
     format!(
@@ -669,98 +610,6 @@ fn tls_section(cert: &Path, key: &Path) -> String {
         cert.display().to_string(),
         key.display().to_string()
     )
-}
-
-/// A `keygate serve` child with its stdout and stderr captured line by line.
-struct Proc {
-    child: tokio::process::Child,
-    output: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn keygate");
-        let output: Arc<Mutex<Vec<String>>> = Arc::default();
-        let out = child.stdout.take().expect("stdout");
-        let err = child.stderr.take().expect("stderr");
-        for stream in [
-            Box::new(out) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(err),
-        ] {
-            let output = output.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    output.lock().expect("output lock").push(line);
-                }
-            });
-        }
-        Proc { child, output }
-    }
-
-    fn output(&self) -> Vec<String> {
-        self.output.lock().expect("output lock").clone()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().expect("child still running")
-    }
-
-    fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("keygate exited ({status}): {:#?}", self.output());
-        }
-    }
-
-    fn sighup(&self) {
-        let status = std::process::Command::new("kill")
-            .args(["-HUP", &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -HUP failed");
-    }
-
-    /// Poll the admin `/healthz` until it answers 200 (bounded).
-    async fn wait_healthy(&mut self, admin: SocketAddr) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            self.assert_running();
-            if let Ok(mut s) = TcpStream::connect(admin).await {
-                let req = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-                if s.write_all(req).await.is_ok() && kg::read_response(&mut s).await.status == 200 {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "keygate not healthy within 20s: {:#?}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// Wait (bounded) for the process to exit; its exit code.
-    async fn wait_exit(&mut self) -> Option<i32> {
-        match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
-            Ok(status) => status.expect("wait").code(),
-            Err(_) => {
-                let _ = self.child.kill().await;
-                panic!("keygate did not exit within 20s: {:#?}", self.output());
-            }
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
-    }
 }
 
 /// The leaf a NEW connection sees, and a request on it.
@@ -780,14 +629,14 @@ async fn wait_for_leaf(p: &mut Proc, addr: SocketAddr, ca: &Ca, want: &Certifica
         assert!(
             tokio::time::Instant::now() < deadline,
             "new connections still get the old certificate 10s after SIGHUP: {:#?}",
-            p.output()
+            p.lines()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 struct Served {
-    proc: Proc,
+    proc: bin::Served,
     public: SocketAddr,
     ca: Ca,
     files: Files,
@@ -800,17 +649,12 @@ async fn serve_with_tls() -> Served {
     let first = ca.leaf(HOST);
     let files = Files::new(&first);
     let up = Upstream::start().await;
-    let (public, admin) = (free_port(), free_port());
-    let config = write_toml(
-        files.dir.path(),
-        public,
-        admin,
-        &format!("http://{}", up.addr),
-        &tls_section(&files.cert, &files.key),
-    );
-    let config = config.display().to_string();
-    let mut proc = Proc::spawn(&["serve", "--config", &config]);
-    proc.wait_healthy(admin).await;
+    let proc = Serve::at(up.addr)
+        .listen(&tls_section(&files.cert, &files.key))
+        .rest(LOG_JSON)
+        .start()
+        .await;
+    let public = proc.public;
     Served {
         proc,
         public,
@@ -872,11 +716,11 @@ async fn sighup_new_certificate_for_new_connections_open_ones_keep_working() {
     }
     let reloaded = s
         .proc
-        .output()
+        .lines()
         .iter()
         .filter(|l| l.contains("reload"))
         .count();
-    assert!(reloaded >= 1, "no reload logged: {:#?}", s.proc.output());
+    assert!(reloaded >= 1, "no reload logged: {:#?}", s.proc.lines());
     s.proc.assert_running();
     s.proc.stop().await;
 }
@@ -891,10 +735,7 @@ fn is_error_line(l: &str) -> bool {
 }
 
 fn error_lines(p: &Proc) -> Vec<String> {
-    p.output()
-        .into_iter()
-        .filter(|l| is_error_line(l))
-        .collect()
+    p.lines().into_iter().filter(|l| is_error_line(l)).collect()
 }
 
 /// Wait (bounded) until the process has logged `n` error lines; returns them.
@@ -909,7 +750,7 @@ async fn wait_for_errors(p: &mut Proc, n: usize) -> Vec<String> {
         assert!(
             tokio::time::Instant::now() < deadline,
             "expected {n} error lines within 10s: {:#?}",
-            p.output()
+            p.lines()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -974,7 +815,7 @@ async fn sighup_with_broken_file_keeps_old_certificate_and_logs_one_error() {
             error_lines(&s.proc).len(),
             n + 1,
             "{what}: expected one error line per failed reload: {:#?}",
-            s.proc.output()
+            s.proc.lines()
         );
     }
 
@@ -985,9 +826,9 @@ async fn sighup_with_broken_file_keeps_old_certificate_and_logs_one_error() {
     wait_for_leaf(&mut s.proc, s.public, &s.ca, &second.der).await;
     assert_eq!(error_lines(&s.proc).len(), breakages.len());
     assert!(
-        !s.proc.output().iter().any(|l| l.contains("PRIVATE KEY")),
+        !s.proc.lines().iter().any(|l| l.contains("PRIVATE KEY")),
         "key material in the output: {:#?}",
-        s.proc.output()
+        s.proc.lines()
     );
     s.proc.stop().await;
 }
@@ -1030,21 +871,17 @@ async fn invalid_pair_at_startup_is_a_config_error_and_binds_nothing() {
         if let Some(k) = key_pem {
             std::fs::write(&key, k).expect("write key");
         }
-        let (public, admin) = (free_port(), free_port());
-        let config = write_toml(dir.path(), public, admin, up_url, &tls_section(&cert, &key));
+        let (public, admin) = (free_addr(), free_addr());
+        let config = Serve::new(up_url)
+            .listen(&tls_section(&cert, &key))
+            .rest(LOG_JSON)
+            .write(dir.path(), public, admin);
         let config = config.display().to_string();
 
         for cmd in ["check", "serve"] {
             let mut p = Proc::spawn(&[cmd, "--config", &config]);
-            let code = p.wait_exit().await;
-            // Let the reader tasks drain the closed pipes.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while !p.output().iter().any(|l| l.starts_with("error:"))
-                && tokio::time::Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let out = p.output();
+            let code = p.exit_within(Duration::from_secs(20)).await.code();
+            let out = p.lines();
             assert_eq!(code, Some(2), "{name}: keygate {cmd} exit code: {out:#?}");
             assert!(
                 out.iter()
@@ -1133,7 +970,7 @@ async fn https_upstream_with_ca_file_is_forwarded_and_without_it_is_502() {
     let mut config = kg::config(url.clone());
     config.upstream.ca_file = Some(ca_file);
     let trusted = kg::start(config, Store::memory("acme")).await;
-    let (token, key_id) = mint(&trusted).await;
+    let Key { token, id: key_id } = kg::mint_key(&trusted, None).await;
     let r = kg::raw(
         trusted.public_addr,
         &kg::get("/api/tls-up", &format!("Authorization: Bearer {token}\r\n")),
