@@ -14,11 +14,11 @@ mod common;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::kg::{self, raw, read_response, RawResponse, HOST};
+use common::kg::{self, raw, read_response, Key, RawResponse, HOST};
 use common::upstream::{closed_port, Seen, Upstream};
 use keygate::app::RunHandle;
 use keygate::auth::store::Store;
-use keygate::auth::{Actor, MintRequest, OpContext};
+use keygate::auth::MintRequest;
 use keygate::config::{Config, ForwardPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,11 +38,6 @@ const WWW_AUTHENTICATE: &str = r#"Bearer realm="acme", error="invalid_token""#;
 struct Env {
     up: Upstream,
     kg: RunHandle,
-}
-
-struct Key {
-    token: String,
-    id: String,
 }
 
 impl Env {
@@ -67,25 +62,12 @@ impl Env {
     }
 
     async fn mint_expiring(&self, expires_at: Option<DateTime<Utc>>) -> Key {
-        let minted = self
-            .kg
-            .app
-            .auth
-            .keys()
-            .mint(
-                MintRequest {
-                    name: Some("http1-test".into()),
-                    expires_at,
-                    enforce_ceiling: true,
-                },
-                &op_ctx(),
-            )
-            .await
-            .expect("mint");
-        Key {
-            token: minted.token.expose().to_string(),
-            id: minted.record.id.clone(),
-        }
+        let req = MintRequest {
+            name: Some("http1-test".into()),
+            expires_at,
+            enforce_ceiling: true,
+        };
+        kg::mint_request(&self.kg, req).await
     }
 
     async fn revoke(&self, key: &Key) {
@@ -94,7 +76,7 @@ impl Env {
             .app
             .auth
             .keys()
-            .revoke(&key.id, &op_ctx())
+            .revoke(&key.id, &kg::op_ctx())
             .await
             .expect("revoke");
         assert!(done, "revoke found the key");
@@ -242,14 +224,6 @@ fn report(failures: &[String]) {
         failures.len(),
         failures.join("\n  ")
     );
-}
-
-fn op_ctx() -> OpContext {
-    OpContext {
-        actor: Actor("cli:http1-test".into()),
-        client: None,
-        user_agent: None,
-    }
 }
 
 fn show(bytes: &[u8]) -> String {

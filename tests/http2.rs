@@ -13,13 +13,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::kg::{self, h2_client, h2_send, raw, HOST};
+use common::kg::{self, h2_client, h2_send, raw, Key, HOST};
 use common::upstream::Upstream;
 use http::{Method, Request};
 use http_body_util::Full;
 use keygate::app::RunHandle;
 use keygate::auth::store::Store;
-use keygate::auth::{Actor, MintRequest, OpContext};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -29,30 +28,6 @@ async fn start() -> (Upstream, RunHandle) {
     let up = Upstream::start().await;
     let kg = kg::start(kg::config(up.url()), Store::memory("acme")).await;
     (up, kg)
-}
-
-/// Mint a key in the running keygate's store: (token, key id).
-async fn mint(kg: &RunHandle) -> (String, String) {
-    let ctx = OpContext {
-        actor: Actor("cli:test".into()),
-        client: None,
-        user_agent: None,
-    };
-    let minted = kg
-        .app
-        .auth
-        .keys()
-        .mint(
-            MintRequest {
-                name: Some("http2".into()),
-                expires_at: None,
-                enforce_ceiling: true,
-            },
-            &ctx,
-        )
-        .await
-        .expect("mint");
-    (minted.token.expose().to_string(), minted.record.id.clone())
 }
 
 /// An HTTP/2 request: `uri` is absolute (it gives `:scheme` and `:authority`)
@@ -352,7 +327,7 @@ async fn authority_disagreeing_with_host_is_400_and_agreeing_is_served() {
 #[tokio::test]
 async fn valid_key_is_forwarded_as_http1_with_principal_and_without_authorization() {
     let (up, kg) = start().await;
-    let (token, id) = mint(&kg).await;
+    let Key { token, id } = kg::mint_key(&kg, Some("http2")).await;
     let bearer = format!("Bearer {token}");
     let mut req = h2_req(
         Method::GET,
@@ -495,7 +470,7 @@ async fn request_id_is_kept_and_echoed_or_generated() {
 #[tokio::test]
 async fn request_body_streams_to_the_app() {
     let (up, kg) = start().await;
-    let (token, _) = mint(&kg).await;
+    let token = kg::mint_key(&kg, Some("http2")).await.token;
     let body = Bytes::from(vec![b'x'; 300 * 1024]);
     let req = Request::builder()
         .method(Method::PUT)

@@ -5,32 +5,13 @@ mod common;
 use common::kg::{self, get, raw};
 use common::upstream::Upstream;
 use keygate::auth::store::Store;
-use keygate::auth::{Actor, MintRequest, OpContext};
 
 #[tokio::test]
 async fn key_is_forwarded_with_principal_and_admin_prefix_is_refused() {
     let up = Upstream::start().await;
     let kg = kg::start(kg::config(up.url()), Store::memory("acme")).await;
-    let ctx = OpContext {
-        actor: Actor("cli:test".into()),
-        client: None,
-        user_agent: None,
-    };
-    let minted = kg
-        .app
-        .auth
-        .keys()
-        .mint(
-            MintRequest {
-                name: None,
-                expires_at: None,
-                enforce_ceiling: true,
-            },
-            &ctx,
-        )
-        .await
-        .unwrap();
-    let auth = format!("Authorization: Bearer {}\r\n", minted.token.expose());
+    let minted = kg::mint_key(&kg, None).await;
+    let auth = format!("Authorization: Bearer {}\r\n", minted.token);
 
     let r = raw(kg.public_addr, &get("/cp/admin", &auth)).await;
     assert_eq!(r.status, 403);
@@ -42,7 +23,7 @@ async fn key_is_forwarded_with_principal_and_admin_prefix_is_refused() {
     let seen = up.wait_for(1).await;
     assert_eq!(
         seen[0].headers["x-molecule-principal"],
-        format!("org-key:{}", minted.record.id).as_str()
+        format!("org-key:{}", minted.id).as_str()
     );
     assert!(seen[0].headers.get("authorization").is_none());
     assert_eq!(seen[0].uri.to_string(), "/api/x?y=1");
