@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,17 +12,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
-use common::kg::{self, RawResponse, HOST};
+use common::keys::{bearer, delete, get_with, list, mint, mint_ok, send};
+use common::kg::{self, bootstrap_key, RawResponse, HOST};
 use common::redis::{redis_cli, RedisServer};
 use common::upstream::Upstream;
-use http_body_util::{BodyExt, Empty, Full};
+use common::verify::Verify;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use keygate::app::RunHandle;
 use keygate::auth::store::Store;
-use keygate::auth::{Actor, MintRequest, OpContext};
 use keygate::config::{Config, OutagePolicy, RedisTarget, Secret, SessionConfig, StoreBackend};
 use serde_json::Value;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const LIST_FIELDS: [&str; 7] = [
     "id",
@@ -73,102 +73,6 @@ async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// A key minted directly through the key service (ops bootstrap); it is
-/// not the subject of the test that uses it.
-async fn bootstrap_key(kg: &RunHandle) -> String {
-    let ctx = OpContext {
-        actor: Actor("cli:test".into()),
-        client: None,
-        user_agent: None,
-    };
-    let req = MintRequest {
-        name: Some("bootstrap".into()),
-        expires_at: None,
-        enforce_ceiling: false,
-    };
-    let minted = kg.app.auth.keys().mint(req, &ctx).await.expect("mint");
-    minted.token.expose().to_string()
-}
-
-/// One HTTP/1.1 request on a fresh connection (Host acme).
-async fn send(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> RawResponse {
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {HOST}\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    req.push_str("Connection: close\r\n\r\n");
-    if let Some(b) = body {
-        req.push_str(b);
-    }
-    kg::raw(addr, req.as_bytes()).await
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
-}
-
-async fn get_with(addr: SocketAddr, target: &str, token: &str) -> RawResponse {
-    send(
-        addr,
-        "GET",
-        target,
-        &[("Authorization", &bearer(token))],
-        None,
-    )
-    .await
-}
-
-async fn list(addr: SocketAddr, token: &str) -> RawResponse {
-    let r = get_with(addr, "/org/tokens", token).await;
-    assert_eq!(r.status, 200, "{r:?}");
-    r
-}
-
-async fn mint(addr: SocketAddr, token: &str, body: &str) -> RawResponse {
-    send(
-        addr,
-        "POST",
-        "/org/tokens",
-        &[
-            ("Authorization", &bearer(token)),
-            ("Content-Type", "application/json"),
-        ],
-        Some(body),
-    )
-    .await
-}
-
-/// Mint through the API; returns (id, token).
-async fn mint_ok(addr: SocketAddr, token: &str, body: &str) -> (String, String) {
-    let r = mint(addr, token, body).await;
-    assert_eq!(r.status, 200, "{r:?}");
-    let v = r.json();
-    (
-        v["id"].as_str().unwrap().to_string(),
-        v["auth_token"].as_str().unwrap().to_string(),
-    )
-}
-
-async fn delete(addr: SocketAddr, token: &str, id: &str) -> RawResponse {
-    send(
-        addr,
-        "DELETE",
-        &format!("/org/tokens/{id}"),
-        &[("Authorization", &bearer(token))],
-        None,
-    )
-    .await
 }
 
 fn fields(v: &Value) -> BTreeSet<String> {
@@ -1177,44 +1081,6 @@ async fn last_used_at_is_written_behind() {
 // Mint ceiling
 // ---------------------------------------------------------------------------
 
-/// A minimal session verify endpoint accepting `wos-session=ceiling`, so the
-/// ceiling tests can mint without a key of their own taking a slot.
-async fn verify_endpoint() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
-                        let ok = req
-                            .headers()
-                            .get("cookie")
-                            .is_some_and(|c| c == "wos-session=ceiling");
-                        let resp = if ok {
-                            http::Response::new(Full::new(Bytes::from_static(
-                                br#"{"user_id":"u_ceiling"}"#,
-                            )))
-                        } else {
-                            let mut r = http::Response::new(Full::new(Bytes::new()));
-                            *r.status_mut() = http::StatusCode::UNAUTHORIZED;
-                            r
-                        };
-                        Ok::<_, Infallible>(resp)
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 async fn session_mint(addr: SocketAddr) -> RawResponse {
     send(
         addr,
@@ -1246,7 +1112,8 @@ fn ceiling_config(up: &Upstream, redis: &RedisServer, verify: SocketAddr) -> Con
 async fn mint_ceiling_admits_exactly_max_live() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let verify = verify_endpoint().await;
+    // `wos-session=ceiling` mints without a key of its own taking a slot.
+    let verify = Verify::start("ceiling", "u_ceiling").await.addr;
     let kg = start(&ceiling_config(&up, &redis, verify)).await;
     let addr = kg.public_addr;
 
@@ -1293,7 +1160,8 @@ async fn mint_ceiling_admits_exactly_max_live() {
 async fn two_instances_racing_for_the_last_slot_admit_one() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let verify = verify_endpoint().await;
+    // `wos-session=ceiling` mints without a key of its own taking a slot.
+    let verify = Verify::start("ceiling", "u_ceiling").await.addr;
     let c = ceiling_config(&up, &redis, verify);
     let a = start(&c).await;
     let b = start(&c).await;
@@ -1352,7 +1220,8 @@ async fn two_instances_racing_for_the_last_slot_admit_one() {
 async fn an_expired_key_frees_its_slot() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let verify = verify_endpoint().await;
+    // `wos-session=ceiling` mints without a key of its own taking a slot.
+    let verify = Verify::start("ceiling", "u_ceiling").await.addr;
     let kg = start(&ceiling_config(&up, &redis, verify)).await;
     let addr = kg.public_addr;
     assert_eq!(session_mint(addr).await.status, 200);
