@@ -4,27 +4,20 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::kg::{self, RawResponse, HOST};
+use common::bin::Serve;
+use common::keys::{self, send};
+use common::kg::{self, bootstrap_key};
 use common::redis::RedisServer;
 use common::upstream::{closed_port, Upstream};
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use common::verify::Verify;
 use keygate::app::RunHandle;
 use keygate::auth::store::Store;
-use keygate::auth::{Actor, MintRequest, OpContext};
 use keygate::config::{Config, RedisTarget, Secret, SessionConfig, StoreBackend};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const GOOD: &str = "good";
 const ORIGIN: &str = "https://acme.moleculesai.app";
@@ -33,73 +26,6 @@ const SESSION_TIMEOUT: Duration = Duration::from_millis(500);
 // ---------------------------------------------------------------------------
 // The fake verify endpoint
 // ---------------------------------------------------------------------------
-
-/// 200 `{"user_id":"u_123"}` for `Cookie: wos-session=<good>` exactly, 401
-/// for anything else; counts calls and records the Cookie headers it got.
-#[derive(Clone)]
-struct Verify {
-    addr: SocketAddr,
-    calls: Arc<AtomicUsize>,
-    cookies: Arc<Mutex<Vec<String>>>,
-}
-
-impl Verify {
-    async fn start(good: &'static str) -> Verify {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let v = Verify {
-            addr: l.local_addr().unwrap(),
-            calls: Arc::default(),
-            cookies: Arc::default(),
-        };
-        let v2 = v.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                let v = v2.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let v = v.clone();
-                            async move {
-                                v.calls.fetch_add(1, Ordering::SeqCst);
-                                let cookie: Vec<String> = req
-                                    .headers()
-                                    .get_all("cookie")
-                                    .iter()
-                                    .map(|c| String::from_utf8_lossy(c.as_bytes()).into_owned())
-                                    .collect();
-                                let ok = cookie == [format!("wos-session={good}")];
-                                v.cookies.lock().unwrap().extend(cookie);
-                                let mut resp = http::Response::new(Full::new(Bytes::from_static(
-                                    br#"{"user_id":"u_123"}"#,
-                                )));
-                                if !ok {
-                                    *resp.body_mut() = Full::new(Bytes::new());
-                                    *resp.status_mut() = http::StatusCode::UNAUTHORIZED;
-                                }
-                                Ok::<_, Infallible>(resp)
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        v
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/cp/auth/tenant-member?slug=acme", self.addr)
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-}
 
 /// A server that accepts connections and never answers.
 async fn hanging_server() -> SocketAddr {
@@ -135,56 +61,12 @@ async fn start(c: &Config) -> RunHandle {
     kg::start(c.clone(), Store::from_config(&c.store, "acme").unwrap()).await
 }
 
-async fn bootstrap_key(kg: &RunHandle) -> String {
-    let ctx = OpContext {
-        actor: Actor("cli:test".into()),
-        client: None,
-        user_agent: None,
-    };
-    let req = MintRequest {
-        name: Some("bootstrap".into()),
-        expires_at: None,
-        enforce_ceiling: false,
-    };
-    let minted = kg.app.auth.keys().mint(req, &ctx).await.expect("mint");
-    minted.token.expose().to_string()
-}
-
-async fn send(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> RawResponse {
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {HOST}\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    req.push_str("Connection: close\r\n\r\n");
-    if let Some(b) = body {
-        req.push_str(b);
-    }
-    kg::raw(addr, req.as_bytes()).await
-}
-
 fn cookie(value: &str) -> String {
     format!("theme=dark; wos-session={value}; other=1")
 }
 
 async fn list_by_key(addr: SocketAddr, key: &str) -> Vec<Value> {
-    let r = send(
-        addr,
-        "GET",
-        "/org/tokens",
-        &[("Authorization", &format!("Bearer {key}"))],
-        None,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{r:?}");
+    let r = keys::list(addr, key).await;
     r.json()["tokens"].as_array().unwrap().clone()
 }
 
@@ -203,7 +85,7 @@ fn ids(tokens: &[Value]) -> BTreeSet<String> {
 async fn a_verified_session_lists_mints_and_revokes() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let verify = Verify::start(GOOD).await;
+    let verify = Verify::start(GOOD, "u_123").await;
     let kg = start(&config(&up, &redis, &verify.url())).await;
     let addr = kg.public_addr;
     let good = cookie(GOOD);
@@ -213,10 +95,7 @@ async fn a_verified_session_lists_mints_and_revokes() {
     assert_eq!(r.json()["count"], 0);
     assert_eq!(verify.calls(), 1);
     // keygate sends only the configured cookie.
-    assert_eq!(
-        *verify.cookies.lock().unwrap(),
-        vec![format!("wos-session={GOOD}")]
-    );
+    assert_eq!(verify.cookies(), vec![format!("wos-session={GOOD}")]);
 
     let r = send(
         addr,
@@ -292,7 +171,7 @@ async fn a_verified_session_lists_mints_and_revokes() {
 async fn cookie_writes_need_an_origin_that_is_a_served_host() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let verify = Verify::start(GOOD).await;
+    let verify = Verify::start(GOOD, "u_123").await;
     let kg = start(&config(&up, &redis, &verify.url())).await;
     let addr = kg.public_addr;
     let good = cookie(GOOD);
@@ -368,7 +247,7 @@ async fn cookie_writes_need_an_origin_that_is_a_served_host() {
 async fn a_refused_or_missing_session_is_401() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let verify = Verify::start(GOOD).await;
+    let verify = Verify::start(GOOD, "u_123").await;
     let kg = start(&config(&up, &redis, &verify.url())).await;
     let addr = kg.public_addr;
     let bad = cookie("bad");
@@ -438,7 +317,7 @@ async fn verify_endpoint_down_or_hanging_is_503() {
 async fn with_authorization_the_cookie_is_ignored() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let verify = Verify::start(GOOD).await;
+    let verify = Verify::start(GOOD, "u_123").await;
     let kg = start(&config(&up, &redis, &verify.url())).await;
     let addr = kg.public_addr;
     let good = cookie(GOOD);
@@ -499,7 +378,7 @@ async fn with_authorization_the_cookie_is_ignored() {
 async fn other_paths_with_a_cookie_are_forwarded_without_a_principal() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let verify = Verify::start(GOOD).await;
+    let verify = Verify::start(GOOD, "u_123").await;
     let kg = start(&config(&up, &redis, &verify.url())).await;
     let addr = kg.public_addr;
     let good = cookie(GOOD);
@@ -547,39 +426,12 @@ async fn other_paths_with_a_cookie_are_forwarded_without_a_principal() {
 // The built binary: the cookie never reaches the logs
 // ---------------------------------------------------------------------------
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-fn write_config(
-    dir: &Path,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    up: &str,
-    redis: &str,
-    verify: &str,
-    format: &str,
-) -> std::path::PathBuf {
-    let path = dir.join(format!("keygate-{format}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"[listen]
-addr = "{listen}"
-
-[admin]
-addr = "{admin}"
-
-[upstream]
-url = "{up}"
-
-[tenant]
-slug = "acme"
-
-[store]
-url = "{redis}"
-
+/// The Redis store, a session section, and every log line (access too) in `format`.
+fn serve_config(up: &Upstream, redis: &str, verify: &str, format: &str) -> Serve {
+    Serve::new(up.url().to_string().trim_end_matches('/'))
+        .store(&format!("url = \"{redis}\""))
+        .rest(&format!(
+            r#"
 [session]
 verify_url = "{verify}"
 cookie = "wos-session"
@@ -590,27 +442,7 @@ format = "{format}"
 level = "trace"
 access = true
 "#
-        ),
-    )
-    .unwrap();
-    path
-}
-
-async fn wait_healthy(child: &mut tokio::process::Child, admin: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("keygate exited at start: {status}");
-        }
-        if let Ok(mut s) = TcpStream::connect(admin).await {
-            let req = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-            if s.write_all(req).await.is_ok() && kg::read_response(&mut s).await.status == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "keygate not healthy within 20 s");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+        ))
 }
 
 #[tokio::test]
@@ -619,45 +451,13 @@ async fn the_cookie_value_never_appears_in_the_logs() {
     const BAD_SECRET: &str = "bAdSess10nC00kieValue1e2d3c4b";
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let verify = Verify::start(GOOD_SECRET).await;
-    let dir = tempfile::tempdir().unwrap();
+    let verify = Verify::start(GOOD_SECRET, "u_123").await;
 
     for format in ["json", "text"] {
-        let (listen, admin) = (free_addr(), free_addr());
-        let path = write_config(
-            dir.path(),
-            listen,
-            admin,
-            up.url().to_string().trim_end_matches('/'),
-            &redis.url(),
-            &verify.url(),
-            format,
-        );
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(["serve", "--config", path.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn keygate");
-        let output: Arc<Mutex<Vec<String>>> = Arc::default();
-        let readers: Vec<_> = [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ]
-        .into_iter()
-        .map(|stream| {
-            let output = output.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    output.lock().unwrap().push(line);
-                }
-            })
-        })
-        .collect();
-        wait_healthy(&mut child, admin).await;
+        let mut kg = serve_config(&up, &redis.url(), &verify.url(), format)
+            .start()
+            .await;
+        let listen = kg.public;
 
         let good = cookie(GOOD_SECRET);
         let bad = cookie(BAD_SECRET);
@@ -699,21 +499,10 @@ async fn the_cookie_value_never_appears_in_the_logs() {
         .await;
         assert_eq!(r.status, 200, "{r:?}");
 
-        let pid = child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
-            .await
-            .expect("keygate exits after SIGTERM")
-            .unwrap();
+        kg.signal_term();
+        let exit = kg.exit_within(Duration::from_secs(20)).await;
         assert!(exit.success(), "{exit}");
-        for r in readers {
-            r.await.unwrap();
-        }
-        let lines = output.lock().unwrap().clone();
+        let lines = kg.lines();
         println!(
             "{format}: {} log lines captured at level trace",
             lines.len()
