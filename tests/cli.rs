@@ -4,24 +4,21 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
-use common::kg::{self, RawResponse, HOST};
+use common::bin;
+use common::keys::{bearer, send};
+use common::kg;
 use common::redis::RedisServer;
 use common::upstream::{closed_port, Upstream};
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use common::verify::Verify;
 use keygate::app::RunHandle;
 use keygate::auth::store::Store;
 use keygate::config::{Config, RedisTarget, Secret, SessionConfig, StoreBackend};
 use serde_json::Value;
-use tokio::net::TcpListener;
 
 const OS_USER: &str = "alice";
 const MINT_FIELDS: [&str; 6] = [
@@ -52,17 +49,7 @@ fn write_config(dir: &Path, redis_url: &str, extra: &str) -> PathBuf {
 
 /// Run the built binary (USER=alice), bounded.
 async fn keygate(args: &[&str]) -> Output {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(args)
-        .env("USER", OS_USER)
-        .env_remove("KEYGATE_CONFIG")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(Duration::from_secs(30), child)
-        .await
-        .unwrap_or_else(|_| panic!("keygate {args:?} did not finish within 30 s"))
-        .expect("run keygate")
+    bin::run(args, &[("USER", OS_USER)]).await
 }
 
 fn stdout(o: &Output) -> String {
@@ -113,31 +100,6 @@ async fn start(c: &Config) -> RunHandle {
     kg
 }
 
-async fn send(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> RawResponse {
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {HOST}\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    req.push_str("Connection: close\r\n\r\n");
-    if let Some(b) = body {
-        req.push_str(b);
-    }
-    kg::raw(addr, req.as_bytes()).await
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
-}
-
 /// `keygate keys mint --json`: (id, token).
 async fn cli_mint(config: &Path, extra: &[&str]) -> (String, String) {
     let mut args = vec![
@@ -155,40 +117,6 @@ async fn cli_mint(config: &Path, extra: &[&str]) -> (String, String) {
         v["id"].as_str().unwrap().to_string(),
         v["auth_token"].as_str().unwrap().to_string(),
     )
-}
-
-/// A fake session verify endpoint: `wos-session=good` is user `u_123`.
-async fn verify_endpoint() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
-                        let mut r = http::Response::new(Full::new(Bytes::from_static(
-                            br#"{"user_id":"u_123"}"#,
-                        )));
-                        if req
-                            .headers()
-                            .get("cookie")
-                            .is_none_or(|c| c != "wos-session=good")
-                        {
-                            *r.status_mut() = http::StatusCode::UNAUTHORIZED;
-                        }
-                        Ok::<_, Infallible>(r)
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
 }
 
 // ---------------------------------------------------------------------------
@@ -549,7 +477,8 @@ async fn unreachable_redis_and_bad_config() {
 async fn every_mint_and_revoke_is_audited_with_its_actor() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let verify = verify_endpoint().await;
+    // A fake session verify endpoint: `wos-session=good` is user `u_123`.
+    let verify = Verify::start("good", "u_123").await.addr;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &redis.url(), "");
     let cfg = config.to_str().unwrap();

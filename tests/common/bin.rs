@@ -31,10 +31,14 @@ pub fn port_is_free(addr: SocketAddr) -> bool {
     std::net::TcpListener::bind(addr).is_ok()
 }
 
-/// Run `keygate <args>` to completion (stdin closed), bounded by 30 s.
+/// Run `keygate <args>` to completion (stdin closed, `KEYGATE_CONFIG`
+/// unset so that only `args` name a config), bounded by 30 s.
 pub async fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    cmd.args(args)
+        .env_remove("KEYGATE_CONFIG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
     }
