@@ -10,25 +10,15 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use common::bin;
-use common::keys::{bearer, send};
+use common::keys::{bearer, send, MINT_FIELDS};
 use common::kg;
 use common::redis::RedisServer;
 use common::upstream::{closed_port, Upstream};
 use common::verify::Verify;
-use keygate::app::RunHandle;
-use keygate::auth::store::Store;
-use keygate::config::{Config, RedisTarget, Secret, SessionConfig, StoreBackend};
+use keygate::config::SessionConfig;
 use serde_json::Value;
 
 const OS_USER: &str = "alice";
-const MINT_FIELDS: [&str; 6] = [
-    "id",
-    "prefix",
-    "name",
-    "expires_at",
-    "auth_token",
-    "warning",
-];
 
 // ---------------------------------------------------------------------------
 // Support
@@ -84,22 +74,6 @@ fn fields(v: &Value) -> BTreeSet<String> {
     v.as_object().unwrap().keys().cloned().collect()
 }
 
-fn redis_config(up: &Upstream, redis: &RedisServer) -> Config {
-    let mut c = kg::config(up.url());
-    c.store.backend = StoreBackend::Redis(RedisTarget::Url(Secret::new(redis.url())));
-    c
-}
-
-async fn start(c: &Config) -> RunHandle {
-    let kg = kg::start(c.clone(), Store::from_config(&c.store, "acme").unwrap()).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !kg.app.auth.feed_live() {
-        assert!(Instant::now() < deadline, "revocation feed not live");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    kg
-}
-
 /// `keygate keys mint --json`: (id, token).
 async fn cli_mint(config: &Path, extra: &[&str]) -> (String, String) {
     let mut args = vec![
@@ -130,7 +104,7 @@ async fn keys_mint_list_revoke_with_the_built_binary() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &redis.url(), "");
     let cfg = config.to_str().unwrap();
-    let kg = start(&redis_config(&up, &redis)).await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
     let addr = kg.public_addr;
 
     // Plain: the token alone on stdout's first line, details on stderr.
@@ -381,9 +355,9 @@ async fn the_cli_may_exceed_the_ceiling_and_warns() {
     let o = keygate(&["keys", "list", "--config", cfg, "--json"]).await;
     assert_eq!(json(stdout(&o).trim())["count"], 3);
     // The API still refuses.
-    let mut c = redis_config(&up, &redis);
+    let mut c = kg::redis_config(&up, &redis);
     c.keys.max_live = 2;
-    let kg = start(&c).await;
+    let kg = kg::start_live(&c).await;
     let r = send(
         kg.public_addr,
         "POST",
@@ -482,7 +456,7 @@ async fn every_mint_and_revoke_is_audited_with_its_actor() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &redis.url(), "");
     let cfg = config.to_str().unwrap();
-    let mut c = redis_config(&up, &redis);
+    let mut c = kg::redis_config(&up, &redis);
     c.session = Some(SessionConfig {
         verify_url: format!("http://{verify}/verify").parse().unwrap(),
         cookie: "wos-session".into(),
@@ -490,7 +464,7 @@ async fn every_mint_and_revoke_is_audited_with_its_actor() {
         cache_ttl: Duration::from_secs(30),
         negative_ttl: Duration::from_secs(5),
     });
-    let kg = start(&c).await;
+    let kg = kg::start_live(&c).await;
     let addr = kg.public_addr;
     let cli = format!("cli:{OS_USER}");
     let session = "session:u_123".to_string();

@@ -12,60 +12,22 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
-use common::keys::{bearer, delete, get_with, list, mint, mint_ok, send};
+use common::keys::{bearer, delete, get_with, list, mint, mint_ok, send, LIST_FIELDS, MINT_FIELDS};
 use common::kg::{self, bootstrap_key, RawResponse, HOST};
 use common::redis::{redis_cli, RedisServer};
 use common::upstream::Upstream;
 use common::verify::Verify;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use keygate::app::RunHandle;
-use keygate::auth::store::Store;
-use keygate::config::{Config, OutagePolicy, RedisTarget, Secret, SessionConfig, StoreBackend};
+use keygate::config::{Config, OutagePolicy, SessionConfig};
 use serde_json::Value;
 use tokio::net::TcpStream;
 
-const LIST_FIELDS: [&str; 7] = [
-    "id",
-    "prefix",
-    "name",
-    "created_by",
-    "created_at",
-    "last_used_at",
-    "expires_at",
-];
-const MINT_FIELDS: [&str; 6] = [
-    "id",
-    "prefix",
-    "name",
-    "expires_at",
-    "auth_token",
-    "warning",
-];
 const INVALID_KEY: &str = "invalid or revoked org API key";
 
 // ---------------------------------------------------------------------------
 // Support
 // ---------------------------------------------------------------------------
-
-fn redis_config(up: &Upstream, redis: &RedisServer) -> Config {
-    let mut c = kg::config(up.url());
-    c.store.backend = StoreBackend::Redis(RedisTarget::Url(Secret::new(redis.url())));
-    c
-}
-
-/// Start keygate on the configured Redis and wait for its revocation feed.
-async fn start(c: &Config) -> RunHandle {
-    let kg = kg::start(c.clone(), Store::from_config(&c.store, "acme").unwrap()).await;
-    let app = kg.app.clone();
-    wait_until(
-        "the revocation feed to connect",
-        Duration::from_secs(10),
-        || app.auth.feed_live(),
-    )
-    .await;
-    kg
-}
 
 async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -131,7 +93,7 @@ fn find<'a>(tokens: &'a [Value], id: &str) -> Option<&'a Value> {
 async fn post_shapes_and_the_new_token_works_at_once() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let kg = start(&redis_config(&up, &redis)).await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
     let caller = bootstrap_key(&kg).await;
     let caller_prefix = &caller[..12];
     let addr = kg.public_addr;
@@ -259,7 +221,7 @@ async fn post_shapes_and_the_new_token_works_at_once() {
 async fn delete_revokes_at_once_and_a_second_delete_is_404() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let kg = start(&redis_config(&up, &redis)).await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
     let caller = bootstrap_key(&kg).await;
     let addr = kg.public_addr;
 
@@ -305,7 +267,7 @@ async fn delete_revokes_at_once_and_a_second_delete_is_404() {
 async fn bad_mint_bodies_are_400_and_mint_nothing() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let kg = start(&redis_config(&up, &redis)).await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
     let caller = bootstrap_key(&kg).await;
     let addr = kg.public_addr;
     let past =
@@ -356,7 +318,7 @@ async fn bad_mint_bodies_are_400_and_mint_nothing() {
 async fn without_a_valid_key_the_api_is_401() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let kg = start(&redis_config(&up, &redis)).await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
     let caller = bootstrap_key(&kg).await;
     let addr = kg.public_addr;
     let (id, _) = mint_ok(addr, &caller, "").await;
@@ -401,7 +363,7 @@ async fn without_a_valid_key_the_api_is_401() {
 async fn keys_routes_are_never_forwarded() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let kg = start(&redis_config(&up, &redis)).await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
     let caller = bootstrap_key(&kg).await;
     let addr = kg.public_addr;
     let auth = bearer(&caller);
@@ -484,7 +446,7 @@ fn dump_redis(port: u16) -> Vec<(String, String)> {
 async fn redis_holds_only_hashes_under_the_tenant_hash_tag() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let kg = start(&redis_config(&up, &redis)).await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
     let caller = bootstrap_key(&kg).await;
     let addr = kg.public_addr;
     let mut tokens = vec![caller.clone()];
@@ -539,9 +501,9 @@ async fn redis_holds_only_hashes_under_the_tenant_hash_tag() {
 async fn revoke_on_one_instance_is_honoured_by_another_within_the_bound() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let c = redis_config(&up, &redis);
-    let a = start(&c).await;
-    let b = start(&c).await;
+    let c = kg::redis_config(&up, &redis);
+    let a = kg::start_live(&c).await;
+    let b = kg::start_live(&c).await;
     let caller = bootstrap_key(&a).await;
 
     let mut latencies = Vec::new();
@@ -588,7 +550,7 @@ async fn revoke_on_one_instance_is_honoured_by_another_within_the_bound() {
 async fn requests_racing_a_revoke_never_succeed_after_it_returned() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let kg = start(&redis_config(&up, &redis)).await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
     let caller = bootstrap_key(&kg).await;
     let addr = kg.public_addr;
     let (id, token) = mint_ok(addr, &caller, "").await;
@@ -671,7 +633,7 @@ async fn requests_racing_a_revoke_never_succeed_after_it_returned() {
 async fn expired_key_case(early: chrono::Duration) {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let kg = start(&redis_config(&up, &redis)).await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
     let caller = bootstrap_key(&kg).await;
     let addr = kg.public_addr;
 
@@ -768,7 +730,7 @@ async fn redis_outage_with_the_reject_policy_and_recovery() {
         &dir_arg,
     ]);
     let up = Upstream::start().await;
-    let kg = start(&redis_config(&up, &redis)).await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
     let cached = bootstrap_key(&kg).await;
     let uncached = bootstrap_key(&kg).await;
     let addr = kg.public_addr;
@@ -843,11 +805,11 @@ async fn redis_outage_with_the_reject_policy_and_recovery() {
 async fn serve_cached_honours_max_stale() {
     let mut redis = RedisServer::start();
     let up = Upstream::start().await;
-    let mut c = redis_config(&up, &redis);
+    let mut c = kg::redis_config(&up, &redis);
     let max_stale = Duration::from_millis(1500);
     c.auth.on_store_unavailable = OutagePolicy::ServeCached;
     c.auth.max_stale = max_stale;
-    let kg = start(&c).await;
+    let kg = kg::start_live(&c).await;
     let seen = bootstrap_key(&kg).await;
     let never_seen = bootstrap_key(&kg).await;
     let addr = kg.public_addr;
@@ -974,12 +936,12 @@ async fn a_flood_of_random_tokens_costs_a_bounded_number_of_redis_commands() {
     const N: usize = 10_000;
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let mut c = redis_config(&up, &redis);
+    let mut c = kg::redis_config(&up, &redis);
     // Long enough for the replay below to fall within it; store timeout
     // raised so a busy test machine cannot turn a look-up into a 503.
     c.auth.negative_ttl = Duration::from_secs(300);
     c.store.timeout = Duration::from_secs(2);
-    let kg = start(&c).await;
+    let kg = kg::start_live(&c).await;
     let addr = kg.public_addr;
     let tokens: Vec<String> = (0..N)
         .map(|_| keygate::auth::token::mint("mok_").expose().to_string())
@@ -1040,7 +1002,7 @@ async fn a_flood_of_random_tokens_costs_a_bounded_number_of_redis_commands() {
 async fn last_used_at_is_written_behind() {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
-    let kg = start(&redis_config(&up, &redis)).await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
     let caller = bootstrap_key(&kg).await;
     let addr = kg.public_addr;
     let (id, token) = mint_ok(addr, &caller, "").await;
@@ -1096,7 +1058,7 @@ async fn session_mint(addr: SocketAddr) -> RawResponse {
 }
 
 fn ceiling_config(up: &Upstream, redis: &RedisServer, verify: SocketAddr) -> Config {
-    let mut c = redis_config(up, redis);
+    let mut c = kg::redis_config(up, redis);
     c.keys.max_live = 3;
     c.session = Some(SessionConfig {
         verify_url: format!("http://{verify}/verify").parse().unwrap(),
@@ -1114,7 +1076,7 @@ async fn mint_ceiling_admits_exactly_max_live() {
     let up = Upstream::start().await;
     // `wos-session=ceiling` mints without a key of its own taking a slot.
     let verify = Verify::start("ceiling", "u_ceiling").await.addr;
-    let kg = start(&ceiling_config(&up, &redis, verify)).await;
+    let kg = kg::start_live(&ceiling_config(&up, &redis, verify)).await;
     let addr = kg.public_addr;
 
     let tasks: Vec<_> = (0..4).map(|_| tokio::spawn(session_mint(addr))).collect();
@@ -1163,8 +1125,8 @@ async fn two_instances_racing_for_the_last_slot_admit_one() {
     // `wos-session=ceiling` mints without a key of its own taking a slot.
     let verify = Verify::start("ceiling", "u_ceiling").await.addr;
     let c = ceiling_config(&up, &redis, verify);
-    let a = start(&c).await;
-    let b = start(&c).await;
+    let a = kg::start_live(&c).await;
+    let b = kg::start_live(&c).await;
     let caller = bootstrap_key(&a).await; // one live key
     let (_, _) = mint_ok(a.public_addr, &caller, "").await; // two live keys
 
@@ -1222,7 +1184,7 @@ async fn an_expired_key_frees_its_slot() {
     let up = Upstream::start().await;
     // `wos-session=ceiling` mints without a key of its own taking a slot.
     let verify = Verify::start("ceiling", "u_ceiling").await.addr;
-    let kg = start(&ceiling_config(&up, &redis, verify)).await;
+    let kg = kg::start_live(&ceiling_config(&up, &redis, verify)).await;
     let addr = kg.public_addr;
     assert_eq!(session_mint(addr).await.status, 200);
     assert_eq!(session_mint(addr).await.status, 200);

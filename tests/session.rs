@@ -15,7 +15,7 @@ use common::upstream::{closed_port, Upstream};
 use common::verify::Verify;
 use keygate::app::RunHandle;
 use keygate::auth::store::Store;
-use keygate::config::{Config, RedisTarget, Secret, SessionConfig, StoreBackend};
+use keygate::config::{Config, SessionConfig};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
@@ -45,8 +45,7 @@ async fn hanging_server() -> SocketAddr {
 // ---------------------------------------------------------------------------
 
 fn config(up: &Upstream, redis: &RedisServer, verify_url: &str) -> Config {
-    let mut c = kg::config(up.url());
-    c.store.backend = StoreBackend::Redis(RedisTarget::Url(Secret::new(redis.url())));
+    let mut c = kg::redis_config(up, redis);
     c.session = Some(SessionConfig {
         verify_url: verify_url.parse().unwrap(),
         cookie: "wos-session".into(),

@@ -5,6 +5,27 @@ use std::net::SocketAddr;
 
 use super::kg::{self, RawResponse, HOST};
 
+/// The fields of a key in `GET /org/tokens`.
+pub const LIST_FIELDS: [&str; 7] = [
+    "id",
+    "prefix",
+    "name",
+    "created_by",
+    "created_at",
+    "last_used_at",
+    "expires_at",
+];
+
+/// The fields of a `POST /org/tokens` answer.
+pub const MINT_FIELDS: [&str; 6] = [
+    "id",
+    "prefix",
+    "name",
+    "expires_at",
+    "auth_token",
+    "warning",
+];
+
 /// One HTTP/1.1 request on a fresh connection (Host acme); `body` gets a
 /// Content-Length.
 pub async fn send(

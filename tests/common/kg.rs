@@ -11,15 +11,40 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use keygate::app::{Listeners, RunHandle};
 use keygate::auth::store::Store;
 use keygate::auth::{Actor, MintRequest, OpContext};
-use keygate::config::Config;
+use keygate::config::{Config, RedisTarget, Secret, StoreBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use super::redis::RedisServer;
+use super::upstream::Upstream;
 
 pub const HOST: &str = "acme.moleculesai.app";
 
 /// A test config for tenant `acme` in front of `upstream`.
 pub fn config(upstream: http::Uri) -> Config {
     Config::for_tests("acme", upstream)
+}
+
+/// [`config`] on the Redis store of `redis`.
+pub fn redis_config(up: &Upstream, redis: &RedisServer) -> Config {
+    let mut c = config(up.url());
+    c.store.backend = StoreBackend::Redis(RedisTarget::Url(Secret::new(redis.url())));
+    c
+}
+
+/// Start keygate on the store `c` names and wait (bounded: 10 s) until its
+/// revocation feed is live.
+pub async fn start_live(c: &Config) -> RunHandle {
+    let kg = start(c.clone(), Store::from_config(&c.store, "acme").unwrap()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !kg.app.auth.feed_live() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for the revocation feed to connect"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    kg
 }
 
 pub async fn start(config: Config, store: Store) -> RunHandle {
