@@ -558,15 +558,32 @@ if [ "$MEMORY" = 1 ]; then
     start_keygate keygate-keys false
     http_status "$KG_PORT" /api/x -H "Host: $HOST_HEADER" -H "Authorization: Bearer $TOKEN" >/dev/null
     before=$(rss_kib "$KG_PID")
+    cache_misses() {
+        curl -s -m 5 "http://127.0.0.1:$KG_ADMIN/metrics" | awk '/^keygate_auth_cache_misses_total/ {print $2; exit}'
+    }
+    misses0=$(cache_misses)
     t0=$SECONDS
-    TOKENS_FILE="$WORK/tokens.txt" STOP_AFTER="$CACHED_KEYS" timeout 300 taskset -c "$CLIENT_CPU" \
+    # The Lua script stops sending after one request per key, but wrk itself
+    # only ends at -d: stop it (SIGINT: it prints its summary) once keygate
+    # has looked every key up.
+    TOKENS_FILE="$WORK/tokens.txt" STOP_AFTER="$CACHED_KEYS" taskset -c "$CLIENT_CPU" \
         wrk -t1 -c"$CONNS" -d240s -H "Host: $HOST_HEADER" -s "$HERE/cycle_tokens.lua" \
-        "http://127.0.0.1:$KG_PORT/api/x" >"$WORK/wrk-keys.txt" 2>&1 || log "wrk (keys) exited non-zero"
+        "http://127.0.0.1:$KG_PORT/api/x" >"$WORK/wrk-keys.txt" 2>&1 &
+    WRK_PID=$!
+    PIDS+=($WRK_PID)
+    deadline=$((SECONDS + 240))
+    while kill -0 "$WRK_PID" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
+        m=$(cache_misses)
+        [ "${m:-0}" -ge $(( ${misses0:-0} + CACHED_KEYS )) ] && break
+        sleep 0.2
+    done
     fill_secs=$((SECONDS - t0))
+    kill -INT "$WRK_PID" 2>/dev/null || true
+    wait "$WRK_PID" 2>/dev/null || true
     after=$(rss_kib "$KG_PID")
-    misses=$(curl -s -m 5 "http://127.0.0.1:$KG_ADMIN/metrics" | awk '/^keygate_auth_cache_misses_total/ {print $2}')
+    misses=$(( $(cache_misses) - ${misses0:-0} ))
     read -r kreq _ _ _ knon2xx kerr < <(python3 "$HERE/report.py" wrk "$WORK/wrk-keys.txt")
-    note="$CACHED_KEYS keys seeded with seed_keys.py | redis-cli --pipe (${seed_secs}s), then one request per key (wrk + cycle_tokens.lua, ${fill_secs}s: $kreq requests, non-2xx $knon2xx, socket errors $kerr; cache misses ${misses:-?})"
+    note="$CACHED_KEYS keys seeded with seed_keys.py piped into redis-cli --pipe (${seed_secs}s), then one request per key (wrk + cycle_tokens.lua, ${fill_secs}s: $kreq requests, non-2xx $knon2xx, socket errors $kerr; cache misses ${misses:-?})"
     if [ "$CACHED_KEYS" -ne 100000 ]; then
         note="$note; extrapolated to 100k keys: $(mib "$(awk -v a="$after" -v b="$before" -v n="$CACHED_KEYS" 'BEGIN { printf "%d", b + (a - b) * 100000 / n }')")"
     fi
