@@ -31,6 +31,8 @@ use crate::metrics::Metrics;
 use crate::shutdown::Tracker;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Who the forwarded request is from, as far as the app is told.
 pub enum Identity {
@@ -48,6 +50,10 @@ pub struct ConnInfo {
     /// Whether the peer is in `listen.trusted_proxies`.
     pub trusted: bool,
     pub tls: bool,
+    /// This client connection's own keep-alive connection to the app (HTTP/1
+    /// clients send one request at a time, so one upstream link serves them
+    /// with no pool, no lock contention and no checkout).
+    upstream: std::sync::Mutex<Option<Sender>>,
 }
 
 impl ConnInfo {
@@ -60,6 +66,7 @@ impl ConnInfo {
             peer_header,
             trusted: trusted_proxies.iter().any(|net| net.contains(&ip)),
             tls,
+            upstream: std::sync::Mutex::new(None),
         }
     }
 }
@@ -207,7 +214,12 @@ pub struct Outbound<'a> {
 }
 
 pub struct Forwarder {
+    /// Pooled client: HTTP/2 clients (multiplexed streams) and upgrades.
     client: Client<Connector, RequestBody>,
+    /// Connector for the per-connection links of HTTP/1 clients.
+    connector: Connector,
+    /// `scheme://authority/` of the app, what the connector dials.
+    base: Uri,
     scheme: Scheme,
     authority: Authority,
     timeout: Duration,
@@ -230,13 +242,14 @@ impl Forwarder {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        let pooled = connector.clone();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(4096)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .set_host(false)
-            .build(connector);
+            .build(pooled);
         let url = &config.upstream.url;
         let authorization = match &config.upstream.authorization {
             Some(secret) => {
@@ -247,8 +260,20 @@ impl Forwarder {
             }
             None => None,
         };
+        let base = Uri::builder()
+            .scheme(url.scheme().cloned().unwrap_or(Scheme::HTTP))
+            .authority(
+                url.authority()
+                    .cloned()
+                    .ok_or_else(|| "upstream.url: missing host".to_string())?,
+            )
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("upstream.url: {e}"))?;
         Ok(Forwarder {
             client,
+            connector,
+            base,
             scheme: url.scheme().cloned().unwrap_or(Scheme::HTTP),
             authority: url
                 .authority()
@@ -278,6 +303,7 @@ impl Forwarder {
             bytes_in,
         } = out;
         let websocket = client_upgrade.is_some();
+        let client_h2 = parts.version == Version::HTTP_2;
         let host = forwarded_host(&parts);
         self.clean_request_headers(&mut parts.headers, conn);
         let headers = &mut parts.headers;
@@ -332,14 +358,21 @@ impl Forwarder {
         *req.headers_mut() = parts.headers;
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        let result = if websocket || client_h2 {
+            tokio::time::timeout(self.timeout, async {
+                self.client.request(req).await.map_err(BoxError::from)
+            })
+            .await
+        } else {
+            tokio::time::timeout(self.timeout, self.send_on_own_link(conn, req)).await
+        };
         metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
         let mut resp = match result {
             Ok(Ok(resp)) => resp,
             Ok(Err(err)) => {
-                tracing::warn!(error = %ErrorChain(&err), "upstream request failed");
+                tracing::warn!(error = %ErrorChain(err.as_ref()), "upstream request failed");
                 return Err(Rejection::UpstreamUnreachable);
             }
             Err(_) => {
@@ -381,6 +414,60 @@ impl Forwarder {
             .headers
             .insert(X_REQUEST_ID.clone(), request_id.clone());
         Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+    }
+
+    /// Send on this client connection's own upstream link, (re)connecting when
+    /// there is none or it was closed; a request the link did not take (the
+    /// app closed it between requests) is retried once on a fresh link.
+    async fn send_on_own_link(
+        &self,
+        conn: &ConnInfo,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        // A bare connection writes the target as given: origin-form.
+        if let Some(pq) = req.uri().path_and_query().cloned() {
+            *req.uri_mut() = Uri::from(pq);
+        }
+        let idle = conn
+            .upstream
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take())
+            .filter(|s| s.is_ready());
+        let (mut sender, reused) = match idle {
+            Some(s) => (s, true),
+            None => (self.connect().await?, false),
+        };
+        let result = sender.try_send_request(req).await;
+        let result = match result {
+            Err(mut e) if reused && e.message().is_some() => {
+                // Never written: safe to send again on a new link.
+                let req = e.take_message().ok_or("request lost")?;
+                sender = self.connect().await?;
+                sender.try_send_request(req).await
+            }
+            other => other,
+        };
+        // The link serves this connection's next request once the response
+        // body is done (`is_ready` tells).
+        if let Ok(mut slot) = conn.upstream.lock() {
+            *slot = Some(sender);
+        }
+        result.map_err(|e| BoxError::from(e.into_error()))
+    }
+
+    async fn connect(&self) -> Result<Sender, BoxError> {
+        use tower_service::Service;
+        let io = self.connector.clone().call(self.base.clone()).await?;
+        let (sender, link) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(err) = link.await {
+                tracing::debug!(error = %err, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 
     /// One pass over the client's headers: collect what must go, then remove it.
