@@ -559,7 +559,8 @@ if [ "$MEMORY" = 1 ]; then
     http_status "$KG_PORT" /api/x -H "Host: $HOST_HEADER" -H "Authorization: Bearer $TOKEN" >/dev/null
     before=$(rss_kib "$KG_PID")
     cache_misses() {
-        curl -s -m 5 "http://127.0.0.1:$KG_ADMIN/metrics" | awk '/^keygate_auth_cache_misses_total/ {print $2; exit}'
+        { curl -s -m 5 "http://127.0.0.1:$KG_ADMIN/metrics" || true; } \
+            | awk '/^keygate_auth_cache_misses_total/ && !seen { print $2; seen = 1 }'
     }
     misses0=$(cache_misses)
     t0=$SECONDS
