@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -53,7 +53,25 @@ pub struct ConnInfo {
     /// This client connection's own keep-alive connection to the app (HTTP/1
     /// clients send one request at a time, so one upstream link serves them
     /// with no pool, no lock contention and no checkout).
-    upstream: std::sync::Mutex<Option<Sender>>,
+    upstream: std::sync::Mutex<Option<Link>>,
+}
+
+/// Most client connections that hold their own link to the app at once;
+/// beyond it requests share the pooled client (so 10k idle clients do not
+/// mean 10k idle connections to the app).
+pub const MAX_OWN_LINKS: usize = 1024;
+
+/// A client connection's own upstream link, counted against [`MAX_OWN_LINKS`]
+/// for as long as it exists.
+struct Link {
+    sender: Option<Sender>,
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ConnInfo {
@@ -220,6 +238,8 @@ pub struct Forwarder {
     connector: Connector,
     /// `scheme://authority/` of the app, what the connector dials.
     base: Uri,
+    /// Own links in existence (see [`MAX_OWN_LINKS`]).
+    links: Arc<AtomicUsize>,
     scheme: Scheme,
     authority: Authority,
     timeout: Duration,
@@ -245,7 +265,7 @@ impl Forwarder {
         let pooled = connector.clone();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(4096)
+            .pool_max_idle_per_host(256)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .set_host(false)
@@ -274,6 +294,7 @@ impl Forwarder {
             client,
             connector,
             base,
+            links: Arc::default(),
             scheme: url.scheme().cloned().unwrap_or(Scheme::HTTP),
             authority: url
                 .authority()
@@ -358,13 +379,21 @@ impl Forwarder {
         *req.headers_mut() = parts.headers;
 
         let started = Instant::now();
-        let result = if websocket || client_h2 {
-            tokio::time::timeout(self.timeout, async {
-                self.client.request(req).await.map_err(BoxError::from)
-            })
-            .await
+        let link = if websocket || client_h2 {
+            None
         } else {
-            tokio::time::timeout(self.timeout, self.send_on_own_link(conn, req)).await
+            self.lease_link(conn)
+        };
+        let result = match link {
+            Some(link) => {
+                tokio::time::timeout(self.timeout, self.send_on_own_link(conn, link, req)).await
+            }
+            None => {
+                tokio::time::timeout(self.timeout, async {
+                    self.client.request(req).await.map_err(BoxError::from)
+                })
+                .await
+            }
         };
         metrics
             .upstream_duration
@@ -419,22 +448,39 @@ impl Forwarder {
     /// Send on this client connection's own upstream link, (re)connecting when
     /// there is none or it was closed; a request the link did not take (the
     /// app closed it between requests) is retried once on a fresh link.
+    /// This connection's idle link, or a new (not yet connected) one while
+    /// fewer than [`MAX_OWN_LINKS`] exist; `None`: use the pooled client.
+    fn lease_link(&self, conn: &ConnInfo) -> Option<Link> {
+        let parked = conn.upstream.lock().ok().and_then(|mut slot| slot.take());
+        if let Some(mut link) = parked {
+            // Busy or closed (e.g. concurrent streams, the app hung up): reconnect.
+            if !link.sender.as_ref().is_some_and(|s| s.is_ready()) {
+                link.sender = None;
+            }
+            return Some(link);
+        }
+        if self.links.fetch_add(1, Ordering::AcqRel) < MAX_OWN_LINKS {
+            Some(Link {
+                sender: None,
+                count: self.links.clone(),
+            })
+        } else {
+            self.links.fetch_sub(1, Ordering::AcqRel);
+            None
+        }
+    }
+
     async fn send_on_own_link(
         &self,
         conn: &ConnInfo,
+        mut link: Link,
         mut req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, BoxError> {
         // A bare connection writes the target as given: origin-form.
         if let Some(pq) = req.uri().path_and_query().cloned() {
             *req.uri_mut() = Uri::from(pq);
         }
-        let idle = conn
-            .upstream
-            .lock()
-            .ok()
-            .and_then(|mut slot| slot.take())
-            .filter(|s| s.is_ready());
-        let (mut sender, reused) = match idle {
+        let (mut sender, reused) = match link.sender.take() {
             Some(s) => (s, true),
             None => (self.connect().await?, false),
         };
@@ -450,8 +496,9 @@ impl Forwarder {
         };
         // The link serves this connection's next request once the response
         // body is done (`is_ready` tells).
+        link.sender = Some(sender);
         if let Ok(mut slot) = conn.upstream.lock() {
-            *slot = Some(sender);
+            *slot = Some(link);
         }
         result.map_err(|e| BoxError::from(e.into_error()))
     }
