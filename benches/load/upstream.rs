@@ -7,7 +7,8 @@
 //! and run directly (not through `cargo bench`):
 //!
 //! ```text
-//! upstream [ADDR]        # ADDR defaults to $UPSTREAM_ADDR, else 127.0.0.1:0
+//! upstream ADDR          # or $UPSTREAM_ADDR; 127.0.0.1:0 picks a free port
+//! upstream               # no address: exits at once (cargo test/bench run it so)
 //! ```
 //!
 //! It prints `listening on <ip:port>` on stdout once bound (so port 0 works),
@@ -53,13 +54,17 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
     Ok(resp)
 }
 
-fn addr_from_args() -> Result<SocketAddr, String> {
+/// The address to serve on; `Ok(None)` when none was given — then this is
+/// `cargo test --all-targets` / `cargo bench` running the target, which must
+/// not start a server that never exits.
+fn addr_from_args() -> Result<Option<SocketAddr>, String> {
     // `cargo bench` would pass `--bench`; skip any flag.
     let arg = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let raw = arg
-        .or_else(|| std::env::var("UPSTREAM_ADDR").ok())
-        .unwrap_or_else(|| "127.0.0.1:0".to_owned());
+    let Some(raw) = arg.or_else(|| std::env::var("UPSTREAM_ADDR").ok()) else {
+        return Ok(None);
+    };
     raw.parse()
+        .map(Some)
         .map_err(|e| format!("bad address {raw:?}: {e} (expected ip:port)"))
 }
 
@@ -87,7 +92,11 @@ async fn serve(addr: SocketAddr) -> std::io::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let addr = match addr_from_args() {
-        Ok(a) => a,
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("upstream: no address given (usage: upstream ADDR); nothing to run");
+            return std::process::ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return std::process::ExitCode::from(2);
