@@ -30,7 +30,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Upgraded (WebSocket) tunnels, drained on shutdown like requests.
     pub tunnels: Tracker,
-    pub access_log: bool,
+    /// The access log, when `log.access` is on.
+    pub access_log: Option<Arc<crate::logging::AccessLog>>,
     www_authenticate: HeaderValue,
 }
 
@@ -51,7 +52,7 @@ impl App {
         .map_err(|_| "tenant.slug: not usable in a header".to_string())?;
         Ok(Arc::new(App {
             gate: Gate::new(&config),
-            access_log: config.log.access,
+            access_log: crate::logging::AccessLog::new(&config.log),
             config: Arc::new(config),
             auth,
             forwarder,
@@ -167,5 +168,11 @@ async fn serve_app(app: Arc<App>, listeners: Listeners, shutdown: shutdown::Sign
     if let Some(admin) = listeners.admin {
         tokio::spawn(crate::admin::serve(admin, app.clone(), shutdown.clone()));
     }
-    crate::listener::serve(listeners.public, app, tls, shutdown).await;
+    if let Some(log) = &app.access_log {
+        log.spawn_flusher();
+    }
+    crate::listener::serve(listeners.public, app.clone(), tls, shutdown).await;
+    if let Some(log) = &app.access_log {
+        log.flush();
+    }
 }

@@ -40,24 +40,24 @@ pub struct AccessRecord {
     key_id: Option<crate::auth::Principal>,
     upstream_status: Option<u16>,
     bytes_in: Arc<AtomicU64>,
+    log: Arc<crate::logging::AccessLog>,
 }
 
 impl AccessRecord {
     pub fn emit(&self, bytes_out: u64) {
-        tracing::info!(
-            target: "keygate::access",
-            request_id = self.request_id.to_str().unwrap_or(""),
-            client = %self.client,
-            method = %self.method,
-            path = %self.path,
-            status = self.status,
-            outcome = self.outcome.label(),
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            key_id = self.key_id.as_ref().map(|p| p.key_id()),
-            upstream_status = self.upstream_status,
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
-            bytes_out = bytes_out,
-        );
+        self.log.write(&crate::logging::AccessLine {
+            request_id: self.request_id.to_str().unwrap_or(""),
+            client: self.client,
+            method: self.method.as_str(),
+            path: &self.path,
+            status: self.status,
+            outcome: self.outcome.label(),
+            duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            key_id: self.key_id.as_ref().map(|p| p.key_id()),
+            upstream_status: self.upstream_status,
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out,
+        });
     }
 }
 
@@ -72,8 +72,9 @@ pub async fn handle(
 ) -> (Response<ProxyBody>, Option<Box<AccessRecord>>) {
     let started = Instant::now();
     let request_id = request_id(req.headers());
-    let mut record = app.access_log.then(|| {
+    let mut record = app.access_log.as_ref().map(|log| {
         Box::new(AccessRecord {
+            log: log.clone(),
             request_id: request_id.clone(),
             client: conn.peer.ip().to_canonical(),
             method: req.method().clone(),
