@@ -229,6 +229,9 @@ pub struct Outbound<'a> {
     pub upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// Counts request body bytes (access log).
     pub bytes_in: Option<Arc<AtomicU64>>,
+    /// The Host to send, as the gate established it ([`crate::request::Admitted::host`]):
+    /// as received over HTTP/1.1, `:authority` over HTTP/2.
+    pub host: HeaderValue,
 }
 
 pub struct Forwarder {
@@ -322,16 +325,14 @@ impl Forwarder {
             request_id,
             upgrade: client_upgrade,
             bytes_in,
+            host,
         } = out;
         let websocket = client_upgrade.is_some();
         let client_h2 = parts.version == Version::HTTP_2;
-        let host = forwarded_host(&parts);
         self.clean_request_headers(&mut parts.headers, conn);
         let headers = &mut parts.headers;
-        if let Some(host) = &host {
-            headers.insert(header::HOST, host.clone());
-            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        }
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        headers.insert(header::HOST, host);
         headers.insert(
             X_FORWARDED_PROTO.clone(),
             HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
@@ -581,17 +582,6 @@ impl Forwarder {
         }
         headers.insert(X_FORWARDED_FOR.clone(), xff);
     }
-}
-
-/// The Host to send: as received for HTTP/1.1 (it passed the gate); from
-/// `:authority` for HTTP/2.
-fn forwarded_host(parts: &Parts) -> Option<HeaderValue> {
-    if parts.version == Version::HTTP_2 {
-        if let Some(a) = parts.uri.authority() {
-            return HeaderValue::from_str(a.as_str()).ok();
-        }
-    }
-    parts.headers.get(header::HOST).cloned()
 }
 
 /// Remove hop-by-hop headers from the app's response (keeping Upgrade and

@@ -193,6 +193,7 @@ async fn decide(
         request_id,
         upgrade: client_upgrade,
         bytes_in: record.map(|r| r.bytes_in.clone()),
+        host: admitted.host,
     };
     let resp = app
         .forwarder
