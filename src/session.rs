@@ -288,6 +288,7 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// `http`/`https`, optional port) is one of `served_hosts`, compared like the
 /// Host check: case-insensitive, port and one trailing dot removed, exact
 /// equality (never a suffix). Missing, `null`, malformed or foreign → false.
+/// `served_hosts` in the Gate's normalised form ([`crate::request::Gate::served_hosts`]).
 pub fn origin_allowed(headers: &HeaderMap, served_hosts: &[String]) -> bool {
     let mut origins = headers.get_all(ORIGIN).iter();
     let (Some(origin), None) = (origins.next(), origins.next()) else {
@@ -296,55 +297,13 @@ pub fn origin_allowed(headers: &HeaderMap, served_hosts: &[String]) -> bool {
     let Ok(origin) = origin.to_str() else {
         return false;
     };
-    let Some(host) = origin_host(origin) else {
+    // A serialized origin is `scheme://host[:port]`: no userinfo, path,
+    // query or fragment. Its authority is judged by the Host rules (§3 step 2).
+    let Some((scheme, authority)) = origin.split_once("://") else {
         return false;
     };
-    served_hosts
-        .iter()
-        .any(|served| normalize_host(served).eq_ignore_ascii_case(host))
-}
-
-/// The host of a serialized origin `scheme://host[:port]`, without the port,
-/// one trailing dot and IPv6 brackets.
-fn origin_host(origin: &str) -> Option<&str> {
-    let (scheme, authority) = origin.split_once("://")?;
-    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
-        return None;
-    }
-    // An origin has no userinfo, path, query or fragment.
-    if authority.is_empty() || authority.contains(['/', '?', '#', '@', '\\']) {
-        return None;
-    }
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
-        let (inner, after) = rest.split_once(']')?;
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':')?),
-        };
-        (inner, port)
-    } else {
-        match authority.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    if let Some(port) = port {
-        if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-    }
-    let host = host.strip_suffix('.').unwrap_or(host);
-    if host.is_empty() || host.contains([':', '[', ']']) && !authority.starts_with('[') {
-        return None;
-    }
-    Some(host)
-}
-
-fn normalize_host(host: &str) -> &str {
-    let host = host.strip_suffix('.').unwrap_or(host);
-    host.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
+    (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https"))
+        && crate::request::host::is_served(authority.as_bytes(), served_hosts)
 }
 
 #[cfg(test)]
