@@ -535,15 +535,7 @@ impl Forwarder {
             }
         }
         // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-        for value in headers.get_all(header::CONNECTION) {
-            if let Ok(v) = value.to_str() {
-                for token in v.split(',') {
-                    if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
-                        doomed.push(name);
-                    }
-                }
-            }
-        }
+        doomed.extend(connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t).ok()));
         // Keep the client's X-Forwarded-For only from a trusted proxy.
         let xff = if conn.trusted {
             let mut joined = String::new();
@@ -598,19 +590,20 @@ pub fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
         }
     }
     if !upgrade {
-        for value in headers.get_all(header::CONNECTION) {
-            if let Ok(v) = value.to_str() {
-                for token in v.split(',') {
-                    if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
-                        doomed.push(name);
-                    }
-                }
-            }
-        }
+        doomed.extend(connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t).ok()));
     }
     for name in doomed {
         headers.remove(&name);
     }
+}
+
+/// The comma-separated tokens of every `Connection` header, trimmed.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
 }
 
 /// Whether a request asks for a WebSocket upgrade keygate may tunnel
@@ -623,14 +616,7 @@ pub fn is_websocket_upgrade(parts_method: &Method, version: Version, headers: &H
         .get_all(header::UPGRADE)
         .iter()
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    let conn_upgrade = headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .map(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-            .unwrap_or(false)
-    });
+    let conn_upgrade = connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"));
     upgrade_ws && conn_upgrade
 }
 
