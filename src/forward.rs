@@ -99,9 +99,6 @@ impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         ProxyBody::Full(Some(bytes.into()))
     }
-    pub fn empty() -> ProxyBody {
-        ProxyBody::Full(None)
-    }
 }
 
 impl Body for ProxyBody {
@@ -634,6 +631,3 @@ impl std::fmt::Display for ErrorChain<'_> {
         Ok(())
     }
 }
-
-/// Shared handle type used by the app.
-pub type SharedForwarder = Arc<Forwarder>;

@@ -21,7 +21,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 
@@ -512,6 +512,3 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
-
-/// Plain TCP and TLS streams both go through [`serve_connection`].
-pub type PlainStream = TcpStream;
