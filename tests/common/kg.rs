@@ -21,8 +21,12 @@ use super::upstream::Upstream;
 pub const HOST: &str = "acme.moleculesai.app";
 
 /// A test config for tenant `acme` in front of `upstream`.
+/// The access log is off: in-process it would write straight to the test
+/// binary's stdout (the built-binary tests in ops.rs/session.rs cover it).
 pub fn config(upstream: http::Uri) -> Config {
-    Config::for_tests("acme", upstream)
+    let mut c = Config::for_tests("acme", upstream);
+    c.log.access = false;
+    c
 }
 
 /// [`config`] on the Redis store of `redis`.
