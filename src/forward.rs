@@ -27,12 +27,12 @@ use ipnet::IpNet;
 use crate::auth::Principal;
 use crate::config::Config;
 use crate::error::Rejection;
+use crate::link::{self, Link, LinkBody};
 use crate::metrics::Metrics;
 use crate::shutdown::Tracker;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Who the forwarded request is from, as far as the app is told.
 pub enum Identity {
@@ -50,29 +50,16 @@ pub struct ConnInfo {
     /// Whether the peer is in `listen.trusted_proxies`.
     pub trusted: bool,
     pub tls: bool,
-    /// This client connection's own keep-alive connection to the app (HTTP/1
-    /// clients send one request at a time, so one upstream link serves them
-    /// with no pool, no lock contention and no checkout).
-    upstream: std::sync::Mutex<Option<Link>>,
+    /// This client connection's own keep-alive connection to the app, idle
+    /// between requests (HTTP/1 clients send one request at a time, so one
+    /// link serves them with no pool, no contention and no checkout).
+    upstream: link::Home,
 }
 
 /// Most client connections that hold their own link to the app at once;
 /// beyond it requests share the pooled client (so 10k idle clients do not
 /// mean 10k idle connections to the app).
 pub const MAX_OWN_LINKS: usize = 1024;
-
-/// A client connection's own upstream link, counted against [`MAX_OWN_LINKS`]
-/// for as long as it exists.
-struct Link {
-    sender: Option<Sender>,
-    count: Arc<AtomicUsize>,
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, trusted_proxies: &[IpNet], tls: bool) -> ConnInfo {
@@ -84,14 +71,16 @@ impl ConnInfo {
             peer_header,
             trusted: trusted_proxies.iter().any(|net| net.contains(&ip)),
             tls,
-            upstream: std::sync::Mutex::new(None),
+            upstream: link::Home::default(),
         }
     }
 }
 
-/// The body keygate sends back: its own small JSON, or the app's streamed body.
+/// The body keygate sends back: its own small JSON, or the app's streamed
+/// body (from a connection's own link, or from the pooled client).
 pub enum ProxyBody {
     Full(Option<Bytes>),
+    Link(LinkBody),
     Upstream(Incoming),
 }
 
@@ -103,21 +92,25 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Upstream(inc) => Pin::new(inc).poll_frame(cx),
+            ProxyBody::Link(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Upstream(inc) => Pin::new(inc)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Link(body) => body.is_end_stream(),
             ProxyBody::Upstream(inc) => inc.is_end_stream(),
         }
     }
@@ -126,6 +119,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Link(body) => body.size_hint(),
             ProxyBody::Upstream(inc) => inc.size_hint(),
         }
     }
@@ -232,12 +226,11 @@ pub struct Outbound<'a> {
 }
 
 pub struct Forwarder {
-    /// Pooled client: HTTP/2 clients (multiplexed streams) and upgrades.
+    /// Pooled client: requests with a body, HTTP/2 clients (multiplexed
+    /// streams), upgrades, an `https` app, and clients past [`MAX_OWN_LINKS`].
     client: Client<Connector, RequestBody>,
-    /// Connector for the per-connection links of HTTP/1 clients.
-    connector: Connector,
-    /// `scheme://authority/` of the app, what the connector dials.
-    base: Uri,
+    /// What own links dial: the app over plain HTTP (`None` for `https`).
+    target: Option<link::Target>,
     /// Own links in existence (see [`MAX_OWN_LINKS`]).
     links: Arc<AtomicUsize>,
     scheme: Scheme,
@@ -262,14 +255,13 @@ impl Forwarder {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let pooled = connector.clone();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .set_host(false)
-            .build(pooled);
+            .build(connector);
         let url = &config.upstream.url;
         let authorization = match &config.upstream.authorization {
             Some(secret) => {
@@ -280,26 +272,25 @@ impl Forwarder {
             }
             None => None,
         };
-        let base = Uri::builder()
-            .scheme(url.scheme().cloned().unwrap_or(Scheme::HTTP))
-            .authority(
-                url.authority()
-                    .cloned()
-                    .ok_or_else(|| "upstream.url: missing host".to_string())?,
-            )
-            .path_and_query("/")
-            .build()
-            .map_err(|e| format!("upstream.url: {e}"))?;
+        let authority = url
+            .authority()
+            .cloned()
+            .ok_or_else(|| "upstream.url: missing host".to_string())?;
+        let scheme = url.scheme().cloned().unwrap_or(Scheme::HTTP);
+        let target = (scheme == Scheme::HTTP).then(|| link::Target {
+            addr: format!(
+                "{}:{}",
+                authority.host(),
+                authority.port_u16().unwrap_or(80)
+            ),
+            connect_timeout: config.upstream.connect_timeout,
+        });
         Ok(Forwarder {
             client,
-            connector,
-            base,
+            target,
             links: Arc::default(),
-            scheme: url.scheme().cloned().unwrap_or(Scheme::HTTP),
-            authority: url
-                .authority()
-                .cloned()
-                .ok_or_else(|| "upstream.url: missing host".to_string())?,
+            scheme,
+            authority,
             timeout: config.upstream.timeout,
             principal_header: config.auth.principal_header.clone(),
             authorization,
@@ -316,7 +307,7 @@ impl Forwarder {
         metrics: &Metrics,
     ) -> Result<Response<ProxyBody>, Rejection> {
         let Outbound {
-            mut parts,
+            parts,
             body,
             identity,
             request_id,
@@ -326,30 +317,12 @@ impl Forwarder {
         } = out;
         let websocket = client_upgrade.is_some();
         let client_h2 = parts.version == Version::HTTP_2;
-        self.clean_request_headers(&mut parts.headers, conn);
-        let headers = &mut parts.headers;
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        headers.insert(header::HOST, host);
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-        );
-        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-        if websocket {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        }
-        if let Identity::OrgKey(principal) = &identity {
-            headers.remove(header::AUTHORIZATION);
-            if let Some(auth) = &self.authorization {
-                headers.insert(header::AUTHORIZATION, auth.clone());
-            }
-            // Last, with insert: nothing before can have removed or duplicated it.
-            headers.insert(
-                self.principal_header.clone(),
-                principal.header_value().clone(),
-            );
-        }
+        let own_headers = OwnHeaders {
+            host: &host,
+            request_id,
+            websocket,
+            identity: &identity,
+        };
 
         // Origin-form towards the app; an absolute-form target with an empty
         // path (`http://host?q`) becomes `/?q`.
@@ -359,38 +332,63 @@ impl Forwarder {
                 .map_err(|_| Rejection::BadTarget)?,
             None => PathAndQuery::from_static("/"),
         };
-        let Ok(uri) = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-        else {
-            return Err(Rejection::BadTarget);
-        };
-        let mut req = Request::new(RequestBody {
-            inner: body,
-            counter: bytes_in,
-        });
-        *req.method_mut() = parts.method;
-        *req.uri_mut() = uri;
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = parts.headers;
 
         let started = Instant::now();
-        let link = if websocket || client_h2 {
-            None
-        } else {
-            self.lease_link(conn)
+        // An HTTP/1 client's request without a body goes over the
+        // connection's own link (link.rs); everything else over the pool.
+        let own = match &self.target {
+            Some(target) if !websocket && !client_h2 && body.is_end_stream() => {
+                self.lease_link(conn).map(|l| (l, target))
+            }
+            _ => None,
         };
-        let result = match link {
-            Some(link) => {
-                tokio::time::timeout(self.timeout, self.send_on_own_link(conn, link, req)).await
+        let result = match own {
+            Some((lease, target)) => {
+                let head = self.request_head(
+                    &parts.method,
+                    &path_and_query,
+                    &parts.headers,
+                    conn,
+                    &own_headers,
+                );
+                let req = link::Request {
+                    head: &head,
+                    head_method: parts.method == Method::HEAD,
+                    idempotent: parts.method.is_idempotent(),
+                };
+                tokio::time::timeout(self.timeout, link::send(lease, target, &conn.upstream, req))
+                    .await
+                    .map(|r| {
+                        r.map(|resp| resp.map(ProxyBody::Link))
+                            .map_err(BoxError::from)
+                    })
             }
             None => {
+                let Ok(uri) = Uri::builder()
+                    .scheme(self.scheme.clone())
+                    .authority(self.authority.clone())
+                    .path_and_query(path_and_query)
+                    .build()
+                else {
+                    return Err(Rejection::BadTarget);
+                };
+                let mut headers = HeaderMap::with_capacity(parts.headers.len() + 8);
+                self.forwarded_headers(&parts.headers, conn, &own_headers, |name, value| {
+                    headers.append(name.clone(), value.clone());
+                });
+                let mut req = Request::new(RequestBody {
+                    inner: body,
+                    counter: bytes_in,
+                });
+                *req.method_mut() = parts.method;
+                *req.uri_mut() = uri;
+                *req.version_mut() = Version::HTTP_11;
+                *req.headers_mut() = headers;
                 tokio::time::timeout(self.timeout, async {
                     self.client.request(req).await.map_err(BoxError::from)
                 })
                 .await
+                .map(|r| r.map(|resp| resp.map(ProxyBody::Upstream)))
             }
         };
         metrics
@@ -409,7 +407,7 @@ impl Forwarder {
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
+            if let (Some(client_upgrade), ProxyBody::Upstream(_)) = (client_upgrade, resp.body()) {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let guard = tunnels.track();
                 tokio::spawn(async move {
@@ -428,111 +426,88 @@ impl Forwarder {
                 parts
                     .headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
-                return Ok(Response::from_parts(parts, ProxyBody::Upstream(body)));
+                return Ok(Response::from_parts(parts, body));
             }
             // A 101 to a request that did not ask for a WebSocket: never tunnel.
             tracing::warn!("upstream answered 101 to a request without an allowed upgrade");
             return Err(Rejection::UpstreamUnreachable);
         }
 
-        let (mut parts, body) = resp.into_parts();
-        clean_response_headers(&mut parts.headers, false);
-        parts
-            .headers
-            .insert(X_REQUEST_ID.clone(), request_id.clone());
-        Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+        let headers = resp.headers_mut();
+        clean_response_headers(headers, false);
+        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        Ok(resp)
     }
 
-    /// Send on this client connection's own upstream link, (re)connecting when
-    /// there is none or it was closed; a request the link did not take (the
-    /// app closed it between requests) is retried once on a fresh link.
     /// This connection's idle link, or a new (not yet connected) one while
     /// fewer than [`MAX_OWN_LINKS`] exist; `None`: use the pooled client.
     fn lease_link(&self, conn: &ConnInfo) -> Option<Link> {
         let parked = conn.upstream.lock().ok().and_then(|mut slot| slot.take());
-        if let Some(mut link) = parked {
-            // Busy or closed (e.g. concurrent streams, the app hung up): reconnect.
-            if !link.sender.as_ref().is_some_and(|s| s.is_ready()) {
-                link.sender = None;
+        match parked {
+            Some(mut link) => {
+                link.check_idle();
+                Some(link)
             }
-            return Some(link);
-        }
-        if self.links.fetch_add(1, Ordering::AcqRel) < MAX_OWN_LINKS {
-            Some(Link {
-                sender: None,
-                count: self.links.clone(),
-            })
-        } else {
-            self.links.fetch_sub(1, Ordering::AcqRel);
-            None
+            None => Link::lease(&self.links, MAX_OWN_LINKS),
         }
     }
 
-    async fn send_on_own_link(
+    /// The request headers the app receives, in one pass and without
+    /// touching the client's map: the client's fields minus hop-by-hop and
+    /// `Connection`-named ones, client copies of identity headers (in every
+    /// spelling an app framework may fold into the same name) and the fields
+    /// keygate replaces; then keygate's own, the principal header last and
+    /// only from a [`Principal`].
+    fn forwarded_headers(
         &self,
+        headers: &HeaderMap,
         conn: &ConnInfo,
-        mut link: Link,
-        mut req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, BoxError> {
-        // A bare connection writes the target as given: origin-form.
-        if let Some(pq) = req.uri().path_and_query().cloned() {
-            *req.uri_mut() = Uri::from(pq);
-        }
-        let (mut sender, reused) = match link.sender.take() {
-            Some(s) => (s, true),
-            None => (self.connect().await?, false),
+        own: &OwnHeaders<'_>,
+        mut emit: impl FnMut(&HeaderName, &HeaderValue),
+    ) {
+        // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+        let listed: Vec<&[u8]> = if headers.contains_key(header::CONNECTION) {
+            connection_tokens(headers).collect()
+        } else {
+            Vec::new()
         };
-        let result = sender.try_send_request(req).await;
-        let result = match result {
-            Err(mut e) if reused && e.message().is_some() => {
-                // Never written: safe to send again on a new link.
-                let req = e.take_message().ok_or("request lost")?;
-                sender = self.connect().await?;
-                sender.try_send_request(req).await
-            }
-            other => other,
-        };
-        // The link serves this connection's next request once the response
-        // body is done (`is_ready` tells).
-        link.sender = Some(sender);
-        if let Ok(mut slot) = conn.upstream.lock() {
-            *slot = Some(link);
-        }
-        result.map_err(|e| BoxError::from(e.into_error()))
-    }
-
-    async fn connect(&self) -> Result<Sender, BoxError> {
-        use tower_service::Service;
-        let io = self.connector.clone().call(self.base.clone()).await?;
-        let (sender, link) = hyper::client::conn::http1::Builder::new()
-            .handshake(io)
-            .await?;
-        tokio::spawn(async move {
-            if let Err(err) = link.await {
-                tracing::debug!(error = %err, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
-    }
-
-    /// One pass over the client's headers: collect what must go, then remove it.
-    fn clean_request_headers(&self, headers: &mut HeaderMap, conn: &ConnInfo) {
-        let mut doomed: Vec<HeaderName> = Vec::new();
+        let org_key = matches!(own.identity, Identity::OrgKey(_));
         let principal = self.principal_header.as_str().as_bytes();
-        for name in headers.keys() {
+        let mut cookies_done = false;
+        for (name, value) in headers {
             let s = name.as_str();
-            if is_hop_by_hop(s) || s == "expect" {
-                doomed.push(name.clone());
+            if is_hop_by_hop(s)
+                || matches!(s, "expect" | "host" | "x-request-id")
+                || (org_key && s == "authorization")
+            {
                 continue;
             }
             let b = s.as_bytes();
-            if folds_to(b, principal) || IDENTITY_HEADERS.iter().any(|t| folds_to(b, t.as_bytes()))
+            if folds_to(b, principal)
+                || IDENTITY_HEADERS.iter().any(|t| folds_to(b, t.as_bytes()))
+                || listed.iter().any(|t| t.eq_ignore_ascii_case(b))
             {
-                doomed.push(name.clone());
+                continue;
             }
+            if name == header::COOKIE {
+                // HTTP/2 may split cookies over several fields; an HTTP/1.1
+                // app expects one.
+                if cookies_done {
+                    continue;
+                }
+                cookies_done = true;
+                if let Some(joined) = joined_cookies(headers) {
+                    emit(name, &joined);
+                    continue;
+                }
+                for v in headers.get_all(header::COOKIE) {
+                    emit(name, v);
+                }
+                continue;
+            }
+            emit(name, value);
         }
-        // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-        doomed.extend(connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t).ok()));
+
         // Keep the client's X-Forwarded-For only from a trusted proxy.
         let xff = if conn.trusted {
             let mut joined = String::new();
@@ -554,23 +529,77 @@ impl Forwarder {
         } else {
             conn.peer_header.clone()
         };
-        for name in doomed {
-            headers.remove(&name);
+        static HTTPS: HeaderValue = HeaderValue::from_static("https");
+        static HTTP: HeaderValue = HeaderValue::from_static("http");
+        static UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
+        static WEBSOCKET: HeaderValue = HeaderValue::from_static("websocket");
+        emit(&header::HOST, own.host);
+        emit(&X_FORWARDED_FOR, &xff);
+        emit(&X_FORWARDED_HOST, own.host);
+        emit(&X_FORWARDED_PROTO, if conn.tls { &HTTPS } else { &HTTP });
+        emit(&X_REQUEST_ID, own.request_id);
+        if own.websocket {
+            emit(&header::CONNECTION, &UPGRADE);
+            emit(&header::UPGRADE, &WEBSOCKET);
         }
-        // HTTP/2 may split cookies over several fields; an HTTP/1.1 app expects one.
-        if headers.get_all(header::COOKIE).iter().nth(1).is_some() {
-            let joined = headers
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect::<Vec<_>>()
-                .join("; ");
-            if let Ok(v) = HeaderValue::from_str(&joined) {
-                headers.insert(header::COOKIE, v);
+        if let Identity::OrgKey(principal) = own.identity {
+            if let Some(auth) = &self.authorization {
+                emit(&header::AUTHORIZATION, auth);
             }
+            emit(&self.principal_header, principal.header_value());
         }
-        headers.insert(X_FORWARDED_FOR.clone(), xff);
     }
+
+    /// The request head as written to an own link: origin-form target, the
+    /// forwarded headers, `Content-Length: 0` where a body-less request of a
+    /// method that carries one would otherwise have no framing at all.
+    fn request_head(
+        &self,
+        method: &Method,
+        target: &PathAndQuery,
+        headers: &HeaderMap,
+        conn: &ConnInfo,
+        own: &OwnHeaders<'_>,
+    ) -> Vec<u8> {
+        let mut head = Vec::with_capacity(512);
+        head.extend_from_slice(method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(target.as_str().as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut has_length = false;
+        self.forwarded_headers(headers, conn, own, |name, value| {
+            has_length |= name == header::CONTENT_LENGTH;
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        });
+        if !has_length && matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+            head.extend_from_slice(b"content-length: 0\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        head
+    }
+}
+
+/// What keygate adds to every forwarded request.
+struct OwnHeaders<'a> {
+    host: &'a HeaderValue,
+    request_id: &'a HeaderValue,
+    websocket: bool,
+    identity: &'a Identity,
+}
+
+/// Several `Cookie` fields joined into one (`None`: one or none, or not text).
+fn joined_cookies(headers: &HeaderMap) -> Option<HeaderValue> {
+    let all = headers.get_all(header::COOKIE);
+    all.iter().nth(1)?;
+    let joined = all
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join("; ");
+    HeaderValue::from_str(&joined).ok()
 }
 
 /// Remove hop-by-hop headers from the app's response (keeping Upgrade and

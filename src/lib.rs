@@ -25,6 +25,7 @@ pub mod error;
 pub mod forward;
 pub mod head_scan;
 pub mod keys_api;
+pub mod link;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

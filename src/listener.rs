@@ -178,7 +178,7 @@ async fn serve_connection<IO>(
         let info = info.clone();
         let guard = InflightGuard::new(svc_state.clone());
         let refused = svc_state.take_flagged(req.method(), req.uri());
-        async move {
+        let fut = async move {
             let (resp, record) = crate::proxy::handle(app, info, req, refused).await;
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 guard.state.upgraded.store(true, Ordering::Release);
@@ -193,7 +193,11 @@ async fn serve_connection<IO>(
                     bytes_out: 0,
                 },
             ))
-        }
+        };
+        // Boxed per request: hyper keeps the service future inline in every
+        // connection's state (a few KiB, idle connections included) and
+        // moves it there on each request.
+        Box::pin(fut)
     });
 
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -307,12 +311,12 @@ impl Drop for ConnBody {
 
 impl Body for ConnBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::forward::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(d) = frame.data_ref() {

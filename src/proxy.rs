@@ -181,7 +181,11 @@ async fn decide(
 
     // Step 5: key management is answered here, never forwarded.
     if let Some(route) = &admitted.keys_route {
-        let resp = keys_api::handle(app, conn, route, parts, body, identity, request_id).await?;
+        // Boxed: a rare path with a large future (see `handle`'s note on size).
+        let resp = Box::pin(keys_api::handle(
+            app, conn, route, parts, body, identity, request_id,
+        ))
+        .await?;
         return Ok((Outcome::Answered, resp));
     }
 
@@ -219,9 +223,13 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
 }
 
 fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let n: u128 = rand::random();
-    let s = format!("{n:032x}");
-    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0"))
+    let mut id = [0u8; 32];
+    for (i, c) in id.iter_mut().enumerate() {
+        *c = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Builds keygate's own JSON answers.

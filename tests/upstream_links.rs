@@ -1,6 +1,8 @@
 //! keygate's connections to the app: a client connection's requests reuse
 //! one keep-alive link; a link the app closed between requests is replaced
-//! without the client noticing; a link that dies mid-request is a 502.
+//! without the client noticing; a link that dies mid-request is a 502; every
+//! response framing the app may use arrives intact, and anything malformed
+//! is a 502 (head) or an aborted response (body), never a reused link.
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -115,5 +117,295 @@ async fn a_link_that_dies_before_answering_is_502() {
     let r = kg::raw(gate.public_addr, &kg::get("/x", "")).await;
     assert_eq!(r.status, 502, "{r:?}");
     assert!(r.error().starts_with("bad gateway"), "{r:?}");
+    gate.stop().await;
+}
+
+/// An app that answers the n-th request it receives (over any connection)
+/// with `script[n]` verbatim, closing the connection after it when the entry
+/// says so; records each request head and counts connections.
+struct ScriptedApp {
+    addr: std::net::SocketAddr,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+    connections: Arc<AtomicUsize>,
+}
+
+async fn scripted_app(script: Vec<(&'static [u8], bool)>) -> ScriptedApp {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (h, c) = (heads.clone(), connections.clone());
+    let script = Arc::new(script);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            c.fetch_add(1, Ordering::SeqCst);
+            let (h, script) = (h.clone(), script.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                        continue;
+                    };
+                    let head: Vec<u8> = buf.drain(..end + 4).collect();
+                    let n = {
+                        let mut heads = h.lock().unwrap();
+                        heads.push(String::from_utf8_lossy(&head).into_owned());
+                        heads.len() - 1
+                    };
+                    let Some(&(answer, close)) = script.get(n) else {
+                        return;
+                    };
+                    if s.write_all(answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    ScriptedApp {
+        addr,
+        heads,
+        connections,
+    }
+}
+
+async fn gate_for(app: &ScriptedApp) -> keygate::app::RunHandle {
+    kg::start(
+        kg::config(format!("http://{}", app.addr).parse().unwrap()),
+        Store::memory("acme"),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn every_response_framing_reaches_the_client_intact_over_one_link() {
+    let app = scripted_app(vec![
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n",
+            false,
+        ),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        ),
+        (b"HTTP/1.1 204 No Content\r\nX-Empty: 1\r\n\r\n", false),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false),
+        (b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", false),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the app closes", true),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nnew", false),
+    ])
+    .await;
+    let gate = gate_for(&app).await;
+    let mut client = TcpStream::connect(gate.public_addr).await.unwrap();
+    let mut expect = Vec::new();
+    for (method, body) in [
+        ("GET", "hello"),
+        ("GET", "abcde"),
+        ("GET", "ok"),
+        ("GET", ""),
+        ("HEAD", ""),
+        ("POST", ""),
+        ("GET", "until the app closes"),
+        ("GET", "new"),
+    ] {
+        let req = format!("{method} /f HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+        client.write_all(req.as_bytes()).await.unwrap();
+        let r = if method == "HEAD" {
+            read_head_only(&mut client).await
+        } else {
+            read_response(&mut client).await
+        };
+        expect.push((method, r.status, r.body.clone()));
+        assert_eq!(r.body, body, "{method}: {r:?}");
+        if method == "HEAD" {
+            assert_eq!(r.header("content-length").as_deref(), Some("5"), "{r:?}");
+        }
+        assert!(r.header("x-request-id").is_some(), "{r:?}");
+        assert!(r.header("x-trailer").is_none(), "{r:?}");
+    }
+    let statuses: Vec<u16> = expect.iter().map(|e| e.1).collect();
+    assert_eq!(statuses, [200, 200, 200, 204, 200, 201, 200, 200]);
+    // A body-less POST is framed for the app.
+    let heads = app.heads.lock().unwrap().clone();
+    assert!(
+        heads[5]
+            .to_ascii_lowercase()
+            .contains("content-length: 0\r\n"),
+        "{:?}",
+        heads[5]
+    );
+    // Seven requests on the first link; the close-delimited body ended it.
+    assert_eq!(app.connections.load(Ordering::SeqCst), 2);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_app_response_heads_are_502() {
+    for bad in [
+        &b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello"[..],
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/2 200\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    ] {
+        let app = scripted_app(vec![(bad, false)]).await;
+        let gate = gate_for(&app).await;
+        let r = kg::raw(gate.public_addr, &kg::get("/x", "")).await;
+        assert_eq!(r.status, 502, "{:?} -> {r:?}", String::from_utf8_lossy(bad));
+        assert!(r.error().starts_with("bad gateway"), "{r:?}");
+        gate.stop().await;
+    }
+}
+
+/// Reads one response head (a `HEAD` answer: no body whatever it announces).
+async fn read_head_only(client: &mut TcpStream) -> kg::RawResponse {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), client.read(&mut byte))
+            .await
+            .expect("a response head within 10s")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed mid-head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kg::RawResponse {
+        status,
+        head,
+        body: String::new(),
+    }
+}
+
+/// Reads whatever keygate sends until it closes the connection.
+async fn read_to_close(client: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.read_to_end(&mut all),
+    )
+    .await
+    .expect("keygate closes the connection")
+    .unwrap_or_default();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[tokio::test]
+async fn a_body_that_breaks_mid_stream_aborts_the_client_response() {
+    for (bad, sent) in [
+        // Shorter than its Content-Length, then the app closes.
+        (
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabcd"[..],
+            true,
+        ),
+        // A chunk size that is not hex.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\nzz\r\n",
+            false,
+        ),
+        // Chunk data longer than its size.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
+            false,
+        ),
+        // Bare LF after a chunk size.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nab\r\n0\r\n\r\n",
+            false,
+        ),
+    ] {
+        let app = scripted_app(vec![(bad, sent)]).await;
+        let gate = gate_for(&app).await;
+        let mut client = TcpStream::connect(gate.public_addr).await.unwrap();
+        client.write_all(&keep_alive_get("/broken")).await.unwrap();
+        let seen = read_to_close(&mut client).await;
+        let what = String::from_utf8_lossy(bad);
+        // keygate closes the connection; whatever part of the response got
+        // out, the client can tell it is incomplete: no final chunk, or
+        // fewer bytes than announced.
+        assert!(
+            seen.is_empty() || seen.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{what:?} -> {seen:?}"
+        );
+        assert!(!seen.ends_with("0\r\n\r\n"), "{what:?} -> {seen:?}");
+        if let Some((head, body)) = seen.split_once("\r\n\r\n") {
+            if head.to_ascii_lowercase().contains("content-length: 10") {
+                assert!(body.len() < 10, "{what:?} -> {seen:?}");
+            }
+        }
+        // The next client is served on a fresh link.
+        let r = kg::raw(gate.public_addr, &kg::get("/after", "")).await;
+        assert_eq!(r.status, 502, "the script has no second answer: {r:?}");
+        assert_eq!(app.connections.load(Ordering::SeqCst), 2, "{what:?}");
+        gate.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn bytes_after_a_complete_response_retire_the_link() {
+    let app = scripted_app(vec![
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforge", false),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond", false),
+    ])
+    .await;
+    let gate = gate_for(&app).await;
+    let mut client = TcpStream::connect(gate.public_addr).await.unwrap();
+    client.write_all(&keep_alive_get("/one")).await.unwrap();
+    let r = read_response(&mut client).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"), "{r:?}");
+    client.write_all(&keep_alive_get("/two")).await.unwrap();
+    let r = read_response(&mut client).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "second"),
+        "the unsolicited bytes never reach a client: {r:?}"
+    );
+    assert_eq!(app.connections.load(Ordering::SeqCst), 2);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn connection_close_and_http10_answers_are_not_reused() {
+    let app = scripted_app(vec![
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\na",
+            false,
+        ),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nb", false),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nc", false),
+    ])
+    .await;
+    let gate = gate_for(&app).await;
+    let mut client = TcpStream::connect(gate.public_addr).await.unwrap();
+    for want in ["a", "b", "c"] {
+        client.write_all(&keep_alive_get("/c")).await.unwrap();
+        let r = read_response(&mut client).await;
+        assert_eq!((r.status, r.body.as_str()), (200, want), "{r:?}");
+    }
+    assert_eq!(
+        app.connections.load(Ordering::SeqCst),
+        3,
+        "an app that said close (or spoke HTTP/1.0) gets a fresh connection"
+    );
     gate.stop().await;
 }

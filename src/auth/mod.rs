@@ -215,26 +215,39 @@ impl Inner {
     }
 
     async fn authenticate(&self, hash: KeyHash) -> Result<Principal, AuthError> {
+        match self.cached(hash) {
+            Ok(answer) => answer,
+            // Boxed: the store round trip is a large future, and a cache hit
+            // (every request but the first per key) should not carry its space.
+            Err(known) => Box::pin(self.fetch_missing(hash, known)).await,
+        }
+    }
+
+    /// The cache's answer, with no await; `Err(known)`: ask the store.
+    fn cached(&self, hash: KeyHash) -> Result<Result<Principal, AuthError>, bool> {
         let now_ms = self.cache.now_ms();
-        let known = match self.cache.probe(&hash, now_ms) {
+        match self.cache.probe(&hash, now_ms) {
             Probe::Hit { principal, touch } => {
                 self.metrics.cache_hits.inc();
                 if touch {
                     self.queue_touch(hash);
                 }
-                return Ok(principal);
+                Ok(Ok(principal))
             }
             Probe::Expired => {
                 self.metrics.cache_hits.inc();
                 self.update_size();
-                return Err(AuthError::Invalid);
+                Ok(Err(AuthError::Invalid))
             }
             Probe::Negative => {
                 self.metrics.cache_hits.inc();
-                return Err(AuthError::Invalid);
+                Ok(Err(AuthError::Invalid))
             }
-            Probe::Miss { known } => known,
-        };
+            Probe::Miss { known } => Err(known),
+        }
+    }
+
+    async fn fetch_missing(&self, hash: KeyHash, known: bool) -> Result<Principal, AuthError> {
         self.metrics.cache_misses.inc();
         let generation = self.cache.generation();
         let fetched = self
