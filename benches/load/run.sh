@@ -15,6 +15,7 @@
 #   MEMORY=1            measure keygate RSS (idle, IDLE_CONNS idle connections, CACHED_KEYS cached keys)
 #   IDLE_CONNS=10000    CACHED_KEYS=100000
 #   PROFILE=0           1: perf-record keygate under load after the rounds, print the top symbols
+#   PERF_CALLGRAPH="-g" perf record call-graph option ("--call-graph dwarf" for user-space callers)
 #   WRITE=auto          1: write BENCHMARKS.md; 0: don't; auto: only for ROUNDS>=3 and DURATION=10s
 #   CLIENT_CPU=0 PROXY_CPU=1    taskset CPUs for wrk (and redis) / proxy + upstream
 #   KEEP=0              1: keep the work dir (configs, logs, wrk outputs)
@@ -440,7 +441,10 @@ SYSCALL_EVENTS="raw_syscalls:sys_enter,context-switches,syscalls:sys_enter_epoll
 if [ "$PROFILE" = 1 ]; then
     set +o pipefail # `perf report | head` ends perf report with SIGPIPE
     log "profiling keygate under load (perf record -e cpu-clock -g)"
-    perf record -e cpu-clock -g -o "$WORK/perf.data" -p "$KG1_PID" -- sleep "$(secs "$DURATION")" \
+    # PERF_CALLGRAPH="--call-graph dwarf" attributes user-space time to callers
+    # (release builds have no frame pointers); the default keeps perf.data small.
+    # shellcheck disable=SC2086
+    perf record -e cpu-clock ${PERF_CALLGRAPH:--g} -o "$WORK/perf.data" -p "$KG1_PID" -- sleep "$(secs "$DURATION")" \
         >"$WORK/perf.out" 2>&1 &
     PERF_PID=$!
     run_wrk keygate "$DURATION" "$WORK/wrk-profile.txt" >/dev/null
