@@ -62,6 +62,13 @@ pub struct ConnInfo {
 pub const MAX_OWN_LINKS: usize = 1024;
 
 impl ConnInfo {
+    /// The connection is parked: its idle link keeps its socket, not its buffer.
+    pub fn release_idle_buffers(&self) {
+        if let Some(link) = self.upstream.lock().ok().as_mut().and_then(|s| s.as_mut()) {
+            link.release_buffer();
+        }
+    }
+
     pub fn new(peer: SocketAddr, trusted_proxies: &[IpNet], tls: bool) -> ConnInfo {
         let ip = peer.ip().to_canonical();
         let peer_header =

@@ -75,6 +75,15 @@ impl Link {
         }
     }
 
+    /// Frees the read buffer of an idle link (a parked client connection's).
+    pub fn release_buffer(&mut self) {
+        if let Some(c) = &mut self.conn {
+            if c.buf.is_empty() {
+                c.buf = BytesMut::new();
+            }
+        }
+    }
+
     /// Drops the connection if the app closed it (or sent something
     /// unsolicited) while it sat idle; a later send dials afresh.
     pub fn check_idle(&mut self) {

@@ -1,25 +1,25 @@
 //! The public listener: an accept loop that never dies on an accept error,
 //! one task per connection, HTTP/1.1 and HTTP/2 (prior knowledge on
-//! cleartext, ALPN over TLS) via hyper-util's auto builder, and the limits:
+//! cleartext, ALPN over TLS: the first bytes decide), and the limits:
 //! `max_connections`, header and idle timeouts (enforced by [`ConnIo`], which
 //! also covers the HTTP/2 preface and idle HTTP/2 connections), header count
-//! and size.
+//! and size. An HTTP/1 connection idle for [`PARK_AFTER`] is parked: hyper's
+//! state and buffers are dropped until the client sends again.
 
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -90,10 +90,19 @@ pub async fn serve(
             ));
             match tls {
                 None => serve_connection(stream, app, info, drain).await,
-                Some(tls) => match tls.accept(stream).await {
-                    Ok(stream) => serve_connection(stream, app, info, drain).await,
-                    Err(err) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
-                },
+                // Boxed: the TLS handshake and stream are several KiB that a
+                // plain connection's task should not reserve.
+                Some(tls) => {
+                    Box::pin(async move {
+                        match tls.accept(stream).await {
+                            Ok(stream) => serve_connection(stream, app, info, drain).await,
+                            Err(err) => {
+                                tracing::debug!(%peer, error = %err, "TLS handshake failed")
+                            }
+                        }
+                    })
+                    .await
+                }
             }
         });
     }
@@ -135,6 +144,16 @@ fn spawn_reload_on_sighup(tls: Arc<TlsAcceptor>, mut shutdown: Signal) {
     });
 }
 
+/// How long an HTTP/1 connection sits idle (nothing in flight, no request
+/// head started) before it is parked: hyper's connection state and its two
+/// 8 KiB buffers are dropped, and the socket waits with no buffer at all
+/// until the client sends again (nginx frees its request buffers on
+/// keep-alive the same way). Busy connections never reach it.
+pub const PARK_AFTER: Duration = Duration::from_millis(100);
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 async fn serve_connection<IO>(
     io: IO,
     app: Arc<App>,
@@ -144,8 +163,8 @@ async fn serve_connection<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let listen = &app.config.listen;
-    let state = Arc::new(ConnState::default());
-    let io = ConnIo::new(
+    let state = Arc::new(ConnState::new());
+    let mut io = ConnIo::new(
         io,
         state.clone(),
         listen.header_timeout,
@@ -153,9 +172,8 @@ async fn serve_connection<IO>(
         &app.config.auth.key_prefix,
     );
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         // ConnIo enforces header and idle timeouts for both protocols. The
         // parser's buffer is a coarse bound; the gate enforces the exact
@@ -164,15 +182,10 @@ async fn serve_connection<IO>(
         .max_headers(MAX_HEADERS)
         .max_buf_size(MAX_HEAD_BYTES.max(8192) + 1024)
         .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size((MAX_HEAD_BYTES + MAX_HEADERS * 32 + 1024) as u32)
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
 
     let svc_state = state.clone();
+    let parked = app.metrics.parked_connections.clone();
+    let conn_info = info.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let app = app.clone();
         let info = info.clone();
@@ -200,26 +213,218 @@ async fn serve_connection<IO>(
         Box::pin(fut)
     });
 
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(err) = res {
-                tracing::debug!(error = %err, "connection ended with an error");
+    // The first bytes decide the protocol: the HTTP/2 preface (prior
+    // knowledge, or after ALPN h2), else HTTP/1.
+    let mut prefix = BytesMut::new();
+    loop {
+        match next_bytes(&mut io, &mut prefix, &mut drain).await {
+            Some(()) => {}
+            None => return,
+        }
+        let n = prefix.len().min(H2_PREFACE.len());
+        if prefix[..n] != H2_PREFACE[..n] || n == H2_PREFACE.len() {
+            break;
+        }
+    }
+    if prefix.starts_with(H2_PREFACE) {
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size((MAX_HEAD_BYTES + MAX_HEADERS * 32 + 1024) as u32)
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let conn =
+            http2.serve_connection(TokioIo::new(Prefixed::new(prefix.freeze(), io)), service);
+        let mut conn = Box::pin(conn);
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(err) = res {
+                    tracing::debug!(error = %err, "connection ended with an error");
+                }
+                return;
+            }
+            _ = drain.wait_for(|d| *d) => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        if let Err(err) = conn.await {
+            tracing::debug!(error = %err, "connection ended with an error during drain");
+        }
+        return;
+    }
+
+    let mut service = service;
+    loop {
+        let conn = http1
+            .serve_connection(
+                TokioIo::new(Prefixed::new(prefix.split().freeze(), io)),
+                service,
+            )
+            .with_upgrades();
+        let mut conn = Box::pin(conn);
+        let draining = tokio::select! {
+            biased;
+            res = conn.as_mut() => {
+                if let Err(err) = res {
+                    tracing::debug!(error = %err, "connection ended with an error");
+                }
+                return;
+            }
+            _ = drain.wait_for(|d| *d) => true,
+            _ = idle_for(&state, PARK_AFTER) => false,
+        };
+        if draining {
+            conn.as_mut().graceful_shutdown();
+            if let Err(err) = conn.await {
+                tracing::debug!(error = %err, "connection ended with an error during drain");
             }
             return;
         }
-        _ = drain.wait_for(|d| *d) => {}
+
+        // Park: hyper closes the idle connection without shutting the
+        // socket down (ConnIo ignores the shutdown while parking) and hands
+        // the socket back.
+        state.parking.store(true, Ordering::Release);
+        conn.as_mut().graceful_shutdown();
+        let ended = conn.as_mut().await;
+        state.parking.store(false, Ordering::Release);
+        if let Err(err) = ended {
+            tracing::debug!(error = %err, "connection ended with an error while parking");
+            return;
+        }
+        let Some(parts) = Pin::into_inner(conn).into_parts() else {
+            return; // upgraded
+        };
+        let (rest, inner) = parts.io.into_inner().into_parts();
+        io = inner;
+        service = parts.service;
+        prefix = BytesMut::from(&rest[..]);
+        prefix.extend_from_slice(&parts.read_buf);
+        if !prefix.is_empty() {
+            continue;
+        }
+        conn_info.release_idle_buffers();
+        let _parked = ConnectionGuard::new(&parked);
+        if next_bytes(&mut io, &mut prefix, &mut drain).await.is_none() {
+            return;
+        }
     }
-    conn.as_mut().graceful_shutdown();
-    if let Err(err) = conn.await {
-        tracing::debug!(error = %err, "connection ended with an error during drain");
+}
+
+/// Reads more bytes into `buf` (through [`ConnIo`]: its timeouts apply);
+/// `None` when the client closed, timed out or keygate is draining.
+async fn next_bytes<IO>(
+    io: &mut ConnIo<IO>,
+    buf: &mut BytesMut,
+    drain: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<()>
+where
+    IO: AsyncRead + Unpin,
+{
+    // Read into a stack buffer during the poll only: a parked connection
+    // waiting here holds no buffer.
+    let read = std::future::poll_fn(|cx| {
+        let mut tmp = [0u8; 2048];
+        let mut rb = ReadBuf::new(&mut tmp);
+        match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(rb.filled());
+                Poll::Ready(!rb.filled().is_empty())
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
+    });
+    tokio::select! {
+        got = read => got.then_some(()),
+        _ = drain.wait_for(|d| *d) => None,
+    }
+}
+
+/// Resolves once the connection has been idle for `after`: no request in
+/// flight, no head started, not upgraded, nothing read or written.
+async fn idle_for(state: &ConnState, after: Duration) {
+    loop {
+        let now = Instant::now();
+        let due = state.last_activity() + after;
+        if now >= due && state.is_idle() {
+            return;
+        }
+        tokio::time::sleep_until(if now >= due { now + after } else { due }).await;
+    }
+}
+
+/// Bytes already read from the client, served before the rest of the stream
+/// (the protocol sniff, or what a parked connection read first).
+pub struct Prefixed<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    fn new(prefix: Bytes, inner: T) -> Prefixed<T> {
+        Prefixed { prefix, inner }
+    }
+
+    /// The prefix bytes not yet read, and the stream.
+    fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.inner)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new(); // let go of the allocation
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
 /// Per-connection activity shared by [`ConnIo`] and the service.
-#[derive(Default)]
 pub struct ConnState {
+    born: Instant,
+    /// Milliseconds after `born` of the last byte read or written.
+    last_activity_ms: AtomicU64,
+    /// While set, [`ConnIo`] does not shut the socket down: hyper is ending
+    /// an idle connection that is being parked, not closed.
+    parking: AtomicBool,
     inflight: AtomicUsize,
     /// Set once a request was answered with 101, or the connection speaks
     /// HTTP/2: from then on only the idle rule applies.
@@ -236,6 +441,37 @@ pub struct ConnState {
 }
 
 impl ConnState {
+    fn new() -> ConnState {
+        ConnState {
+            born: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            parking: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            upgraded: AtomicBool::new(false),
+            head_started: Mutex::new(None),
+            flagged: Mutex::new(VecDeque::new()),
+            has_flagged: AtomicBool::new(false),
+            read_waker: Mutex::new(None),
+        }
+    }
+
+    fn touch(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.born).as_millis();
+        self.last_activity_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn last_activity(&self) -> Instant {
+        self.born + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+    }
+
+    /// Nothing in flight, no request head started, not a tunnel or HTTP/2.
+    fn is_idle(&self) -> bool {
+        self.inflight.load(Ordering::Acquire) == 0
+            && !self.upgraded.load(Ordering::Acquire)
+            && self.head_started.lock().is_ok_and(|h| h.is_none())
+    }
+
     /// The refusal the head scan recorded for this request, if any.
     fn take_flagged(&self, method: &http::Method, uri: &http::Uri) -> Option<Rejection> {
         if !self.has_flagged.load(Ordering::Acquire) {
@@ -345,7 +581,6 @@ pub struct ConnIo<T> {
     state: Arc<ConnState>,
     header_timeout: Duration,
     idle_timeout: Duration,
-    last_activity: Instant,
     timer: Pin<Box<Sleep>>,
     /// `None` until the first bytes arrive; `Some(true)` for HTTP/2 (prior
     /// knowledge or ALPN), where requests are multiplexed and only the idle
@@ -373,7 +608,6 @@ impl<T> ConnIo<T> {
             state,
             header_timeout,
             idle_timeout,
-            last_activity: now,
             timer: Box::pin(tokio::time::sleep_until(now + header_timeout)),
             http2: None,
             scan: HeadScanner::new(key_prefix),
@@ -392,7 +626,7 @@ impl<T> ConnIo<T> {
                 }
             }
         }
-        Some(self.last_activity + self.idle_timeout)
+        Some(self.state.last_activity() + self.idle_timeout)
     }
 
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
@@ -431,7 +665,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     let now = Instant::now();
-                    this.last_activity = now;
+                    this.state.touch(now);
                     if this.http2.is_none() {
                         let h2 = buf.filled()[before..].starts_with(b"PRI ");
                         this.http2 = Some(h2);
@@ -488,7 +722,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &res {
             if *n > 0 {
-                self.last_activity = Instant::now();
+                self.state.touch(Instant::now());
             }
         }
         res
@@ -501,7 +735,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
         let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &res {
             if *n > 0 {
-                self.last_activity = Instant::now();
+                self.state.touch(Instant::now());
             }
         }
         res
@@ -513,6 +747,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.state.parking.load(Ordering::Acquire) {
+            // hyper ends a connection being parked: the socket stays open.
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub cache_misses: IntCounter,
     pub revocations: IntCounter,
     pub open_connections: IntGauge,
+    pub parked_connections: IntGauge,
     pub cache_size: IntGauge,
     pub store_duration: HistogramVec,
     pub store_errors: IntCounterVec,
@@ -81,6 +82,11 @@ impl Metrics {
             "Client connections currently open on the public listener.",
         )
         .expect("valid metric");
+        let parked_connections = IntGauge::new(
+            "keygate_parked_connections",
+            "Idle HTTP/1 client connections holding no HTTP state or buffers (of keygate_open_connections).",
+        )
+        .expect("valid metric");
         let cache_size = IntGauge::new("keygate_auth_cache_entries", "Keys in the local cache.")
             .expect("valid metric");
         let store_duration = HistogramVec::new(
@@ -112,6 +118,7 @@ impl Metrics {
             Box::new(cache_misses.clone()),
             Box::new(revocations.clone()),
             Box::new(open_connections.clone()),
+            Box::new(parked_connections.clone()),
             Box::new(cache_size.clone()),
             Box::new(store_duration.clone()),
             Box::new(store_errors.clone()),
@@ -128,6 +135,7 @@ impl Metrics {
             cache_misses,
             revocations,
             open_connections,
+            parked_connections,
             cache_size,
             store_duration,
             store_errors,

@@ -2486,6 +2486,106 @@ async fn idle_keep_alive_is_closed_after_idle_timeout() {
     env.kg.stop().await;
 }
 
+/// Waits (bounded) until keygate reports `n` parked connections.
+async fn wait_parked(env: &Env, n: i64) {
+    let gauge = &env.kg.app.metrics.parked_connections;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gauge.get() != n {
+        assert!(
+            Instant::now() < deadline,
+            "parked connections: {} (waited for {n})",
+            gauge.get()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_parked_then_served_again() {
+    let env = Env::start().await;
+    let key = env.mint().await;
+    let mut s = served_keep_alive(&env).await;
+    wait_parked(&env, 1).await;
+    // Parked: the socket is open, the next requests (two, pipelined, one
+    // with a key) are served as on any keep-alive connection.
+    let two = format!(
+        "GET /p1 HTTP/1.1\r\nHost: {HOST}\r\n{}\r\nGET /p2 HTTP/1.1\r\nHost: {HOST}\r\n\r\n",
+        bearer(&key.token)
+    );
+    s.write_all(two.as_bytes()).await.unwrap();
+    let first = read_response(&mut s).await;
+    let second = read_response(&mut s).await;
+    assert_eq!(
+        (first.status, second.status),
+        (200, 200),
+        "{first:?} {second:?}"
+    );
+    let seen = env.up.wait_for(3).await;
+    assert_eq!(seen[1].uri.path(), "/p1");
+    assert_eq!(
+        header_all(&seen[1], "x-molecule-principal"),
+        vec![format!("org-key:{}", key.id)]
+    );
+    assert_eq!(seen[2].uri.path(), "/p2");
+    assert!(principal_values(&seen[2]).is_empty());
+    // And it parks again once idle; closing it takes it off the gauge.
+    wait_parked(&env, 1).await;
+    drop(s);
+    wait_parked(&env, 0).await;
+    env.kg.stop().await;
+}
+
+#[tokio::test]
+async fn a_parked_connection_can_upgrade_to_a_websocket() {
+    let env = Env::start().await;
+    let mut s = served_keep_alive(&env).await;
+    wait_parked(&env, 1).await;
+    s.write_all(&ws_upgrade("/ws", "")).await.unwrap();
+    let r = read_response(&mut s).await;
+    assert_eq!(r.status, 101, "{r:?}");
+    s.write_all(b"after parking").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < b"after parking".len() {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .expect("echo within 10s")
+            .unwrap();
+        assert!(n > 0, "tunnel closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"after parking");
+    drop(s); // ends the tunnel (stop waits for open tunnels)
+    env.kg.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_head_in_progress_is_never_parked() {
+    let env = Env::with(|c| {
+        c.listen.header_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let mut s = served_keep_alive(&env).await;
+    wait_parked(&env, 1).await;
+    // Half a head wakes the connection; the rest arrives well after the park
+    // delay (keygate's own header timeout is 10s) and is still one request.
+    s.write_all(format!("GET /slow HTTP/1.1\r\nHost: {HOST}\r\n").as_bytes())
+        .await
+        .unwrap();
+    wait_parked(&env, 0).await;
+    // Time has to pass for this case: three park delays with a head open.
+    tokio::time::sleep(keygate::listener::PARK_AFTER * 3).await;
+    assert_eq!(env.kg.app.metrics.parked_connections.get(), 0);
+    s.write_all(b"X-Late: 1\r\n\r\n").await.unwrap();
+    let r = read_response(&mut s).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = env.up.wait_for(2).await;
+    assert_eq!(seen[1].uri.path(), "/slow");
+    assert_eq!(header_all(&seen[1], "x-late"), vec!["1".to_string()]);
+    env.kg.stop().await;
+}
+
 #[tokio::test]
 async fn idle_fresh_connection_is_closed() {
     // A connection that never sent a byte: closed by the header timeout.

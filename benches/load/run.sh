@@ -532,7 +532,15 @@ if [ "$MEMORY" = 1 ]; then
     wait_until "$IDLE_CONNS idle connections" 180 grep -q '^ready' "$WORK/idle.out"
     held=$(rss_kib "$KG_PID")
     mem_row "keygate with $IDLE_CONNS idle keep-alive connections" "$(mib "$held")" \
-        "each connection served one keyed request, then held open ($(sed -n 's/^ready //p' "$WORK/idle.out")); +$(awk -v a="$held" -v b="$idle" -v n="$IDLE_CONNS" 'BEGIN { printf "%.1f KiB", (a - b) / n }') per connection"
+        "each connection served one keyed request, then held open ($(sed -n 's/^ready //p' "$WORK/idle.out")); RSS read as soon as the last one was served; +$(awk -v a="$held" -v b="$idle" -v n="$IDLE_CONNS" 'BEGIN { printf "%.1f KiB", (a - b) / n }') per connection"
+    # Idle HTTP/1 connections are parked after 100 ms (listener::PARK_AFTER):
+    # the same connections a few seconds later.
+    sleep 3
+    parked=$({ curl -s -m 5 "http://127.0.0.1:$KG_ADMIN/metrics" || true; } \
+        | awk '$1 == "keygate_parked_connections" { print $2 }')
+    settled=$(rss_kib "$KG_PID")
+    mem_row "… the same, 3 s later" "$(mib "$settled")" \
+        "${parked:-?} of them parked (\`keygate_parked_connections\`); +$(awk -v a="$settled" -v b="$idle" -v n="$IDLE_CONNS" 'BEGIN { printf "%.1f KiB", (a - b) / n }') per connection"
     # Same for nginx's worker, for comparison.
     exec 7>&-
     wait "$IDLE_PID" 2>/dev/null || true
