@@ -300,6 +300,8 @@ async fn serve_connection<IO>(
         service = parts.service;
         prefix = BytesMut::from(&rest[..]);
         prefix.extend_from_slice(&parts.read_buf);
+        // hyper's read buffer goes now, not at the end of this iteration.
+        drop(parts.read_buf);
         if !prefix.is_empty() {
             continue;
         }
