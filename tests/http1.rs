@@ -2543,19 +2543,7 @@ async fn a_parked_connection_can_upgrade_to_a_websocket() {
     s.write_all(&ws_upgrade("/ws", "")).await.unwrap();
     let r = read_response(&mut s).await;
     assert_eq!(r.status, 101, "{r:?}");
-    s.write_all(b"after parking").await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while got.len() < b"after parking".len() {
-        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
-            .await
-            .expect("echo within 10s")
-            .unwrap();
-        assert!(n > 0, "tunnel closed");
-        got.extend_from_slice(&buf[..n]);
-    }
-    assert_eq!(got, b"after parking");
+    assert_echoed(&mut s, b"after parking").await;
     drop(s); // ends the tunnel (stop waits for open tunnels)
     env.kg.stop().await;
 }
@@ -2615,6 +2603,23 @@ fn ws_upgrade(path: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Writes `msg` into a tunnel to the echoing app and reads it back.
+async fn assert_echoed(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < msg.len() {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .expect("echo within 10s")
+            .unwrap();
+        assert!(n > 0, "tunnel closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, msg);
+}
+
 #[tokio::test]
 async fn websocket_is_tunnelled_after_the_apps_101() {
     let env = Env::start().await;
@@ -2639,19 +2644,7 @@ async fn websocket_is_tunnelled_after_the_apps_101() {
             assert!(seen[before].headers.get("authorization").is_none());
         }
         for msg in [&b"hello through the tunnel"[..], b"second"] {
-            s.write_all(msg).await.unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 256];
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while got.len() < msg.len() {
-                let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
-                    .await
-                    .expect("echo within 10s")
-                    .unwrap();
-                assert!(n > 0, "tunnel closed");
-                got.extend_from_slice(&buf[..n]);
-            }
-            assert_eq!(got, msg);
+            assert_echoed(&mut s, msg).await;
         }
     }
     env.kg.stop().await;
