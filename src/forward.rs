@@ -341,10 +341,13 @@ impl Forwarder {
         };
 
         let started = Instant::now();
-        // An HTTP/1 client's request without a body goes over the
-        // connection's own link (link.rs); everything else over the pool.
+        // An HTTP/1 client's request without a body or with a
+        // Content-Length goes over the connection's own link (link.rs);
+        // chunked uploads, HTTP/2, upgrades and an https app over the pool.
+        let bodyless = body.is_end_stream();
+        let sized = bodyless || body.size_hint().exact().is_some();
         let own = match &self.target {
-            Some(target) if !websocket && !client_h2 && body.is_end_stream() => {
+            Some(target) if !websocket && !client_h2 && sized => {
                 self.lease_link(conn).map(|l| (l, target))
             }
             _ => None,
@@ -362,6 +365,10 @@ impl Forwarder {
                     head: &head,
                     head_method: parts.method == Method::HEAD,
                     idempotent: parts.method.is_idempotent(),
+                    body: (!bodyless).then_some(RequestBody {
+                        inner: body,
+                        counter: bytes_in,
+                    }),
                 };
                 tokio::time::timeout(self.timeout, link::send(lease, target, &conn.upstream, req))
                     .await

@@ -4,10 +4,12 @@
 //! hyper's client connection runs as a task of its own: every forwarded
 //! request crosses two channels and wakes two extra tasks, and the head is
 //! copied through hyper's buffers twice. For the common case — an HTTP/1
-//! client's request without a body, to a plain-HTTP app — keygate writes the
-//! request head itself in one `write`, parses the response head with
-//! `httparse` (hyper's parser), and streams the body straight from the socket
-//! into the client's response. The link goes back to its client connection
+//! client's request without a body or with a `Content-Length`, to a
+//! plain-HTTP app — keygate writes the request head itself in one `write`
+//! (then streams the client's body, watching for an answer that comes before
+//! the body is all sent), parses the response head with `httparse` (hyper's
+//! parser), and streams the body straight from the socket into the client's
+//! response. The link goes back to its client connection
 //! ([`Home`]) the moment the response body is complete, ready for that
 //! connection's next request; a link whose response did not end cleanly is
 //! closed, never reused.
@@ -132,6 +134,8 @@ pub enum LinkError {
     Unexpected101,
     #[error("the response body ended early or was malformed: {0}")]
     Body(&'static str),
+    #[error("the client's request body failed: {0}")]
+    RequestBody(BoxError),
 }
 
 impl LinkError {
@@ -143,31 +147,38 @@ impl LinkError {
     }
 }
 
-/// One request without a body, serialized.
-pub struct Request<'a> {
+/// One request: its serialized head and, for a request with a
+/// `Content-Length`, the client's body to stream after it.
+pub struct Request<'a, B> {
     pub head: &'a [u8],
     /// `HEAD`: the response has no body whatever its headers say.
     pub head_method: bool,
-    /// Safe to send again when a reused connection turns out dead.
+    /// Safe to send again when a reused connection turns out dead (never
+    /// with a body: it cannot be replayed).
     pub idempotent: bool,
+    pub body: Option<B>,
 }
 
 /// Send `req` on `link` (dialling when it has no connection) and return the
 /// response with its body streaming from the link. The link goes back to
 /// `home` when the response is complete and the connection reusable.
-pub async fn send(
+pub async fn send<B>(
     mut link: Link,
     target: &Target,
     home: &Home,
-    req: Request<'_>,
-) -> Result<Response<LinkBody>, LinkError> {
+    mut req: Request<'_, B>,
+) -> Result<Response<LinkBody>, LinkError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     loop {
         let (mut conn, reused) = match link.conn.take() {
             Some(c) => (c, true),
             // Boxed: dialling (DNS included) is rare and its future large.
             None => (Box::pin(connect(target)).await?, false),
         };
-        match conn.round_trip(&req).await {
+        match conn.round_trip(&mut req).await {
             Ok((parts, framing, keep_alive)) => {
                 link.conn = Some(conn);
                 let mut body = LinkBody {
@@ -181,7 +192,7 @@ pub async fn send(
                 }
                 return Ok(Response::from_parts(parts, body));
             }
-            Err(e) if reused && req.idempotent && e.stale() => continue,
+            Err(e) if reused && req.idempotent && req.body.is_none() && e.stale() => continue,
             Err(e) => return Err(e),
         }
     }
@@ -212,16 +223,29 @@ async fn connect(target: &Target) -> Result<Conn, LinkError> {
 }
 
 impl Conn {
-    async fn round_trip(
+    async fn round_trip<B>(
         &mut self,
-        req: &Request<'_>,
-    ) -> Result<(http::response::Parts, Framing, bool), LinkError> {
-        self.io
-            .write_all(req.head)
-            .await
-            .map_err(LinkError::Write)?;
+        req: &mut Request<'_, B>,
+    ) -> Result<(http::response::Parts, Framing, bool), LinkError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         if self.buf.capacity() == 0 {
             self.buf.reserve(READ_INITIAL);
+        }
+        if let Some(body) = req.body.take() {
+            // The app may answer before it has read the whole body (413,
+            // 401…): that answer is relayed, and the connection is not
+            // reused (the app did not read the rest).
+            if let Some((parts, framing, _)) = self.send_with_body(req, body).await? {
+                return Ok((parts, framing, false));
+            }
+        } else {
+            self.io
+                .write_all(req.head)
+                .await
+                .map_err(LinkError::Write)?;
         }
         loop {
             if !self.buf.is_empty() {
@@ -250,69 +274,172 @@ impl Conn {
         }
     }
 
+    /// Writes the head and streams `body` after it; `Some` when the app
+    /// answered before the body was all sent.
+    async fn send_with_body<B>(
+        &mut self,
+        req: &Request<'_, B>,
+        mut body: B,
+    ) -> Result<Option<(http::response::Parts, Framing, bool)>, LinkError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        use http_body_util::BodyExt;
+        if let Some(answer) = self
+            .write_unless_answered(req.head, req.head_method)
+            .await?
+        {
+            return Ok(Some(answer));
+        }
+        loop {
+            let frame = tokio::select! {
+                biased;
+                answer = answered(&self.io, &mut self.buf, req.head_method) => {
+                    return answer.map(Some)
+                }
+                frame = body.frame() => frame,
+            };
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(LinkError::RequestBody(e.into())),
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        if let Some(answer) =
+                            self.write_unless_answered(data, req.head_method).await?
+                        {
+                            return Ok(Some(answer));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes all of `data` unless a complete response head arrives first.
+    async fn write_unless_answered(
+        &mut self,
+        mut data: &[u8],
+        head_method: bool,
+    ) -> Result<Option<(http::response::Parts, Framing, bool)>, LinkError> {
+        let Conn { io, buf } = self;
+        while !data.is_empty() {
+            tokio::select! {
+                biased;
+                answer = answered(io, buf, head_method) => return answer.map(Some),
+                ready = io.writable() => {
+                    ready.map_err(LinkError::Write)?;
+                    match io.try_write(data) {
+                        Ok(n) => data = &data[n..],
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(LinkError::Write(e)),
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// A complete final response head at the start of the buffer, consumed;
     /// `None` when more bytes are needed. Interim (1xx) responses are skipped.
     fn parse_head(
         &mut self,
         head_method: bool,
     ) -> Result<Option<(http::response::Parts, Framing, bool)>, LinkError> {
-        loop {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut fields);
-            let len = match parsed.parse(&self.buf) {
-                Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(e) => return Err(LinkError::Parse(e)),
-            };
-            let code = parsed.code.unwrap_or(0);
-            if (100..200).contains(&code) {
-                if code == 101 {
-                    return Err(LinkError::Unexpected101);
-                }
-                let _ = self.buf.split_to(len);
-                if self.buf.is_empty() {
-                    return Ok(None);
-                }
-                continue;
-            }
-            let status = StatusCode::from_u16(code)
-                .map_err(|_| LinkError::Parse(httparse::Error::Status))?;
-            let version = if parsed.version == Some(0) {
-                Version::HTTP_10
-            } else {
-                Version::HTTP_11
-            };
+        parse_head(&mut self.buf, head_method)
+    }
+}
 
-            // Where each field sits in the head; values become slices of the
-            // head once it is split off the buffer (no copy).
-            let base = self.buf.as_ptr() as usize;
-            let span = |s: &[u8]| {
-                let start = s.as_ptr() as usize - base;
-                start..start + s.len()
-            };
-            let mut spans: [(std::ops::Range<usize>, std::ops::Range<usize>); MAX_HEADERS] =
-                std::array::from_fn(|_| (0..0, 0..0));
-            let count = parsed.headers.len();
-            for (slot, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-                *slot = (span(h.name.as_bytes()), span(h.value));
-            }
-            let head: Bytes = self.buf.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(count);
-            for (name, value) in spans.into_iter().take(count) {
-                let name = HeaderName::from_bytes(&head[name])
-                    .map_err(|_| LinkError::Parse(httparse::Error::HeaderName))?;
-                let value = HeaderValue::from_maybe_shared(head.slice(value))
-                    .map_err(|_| LinkError::Parse(httparse::Error::HeaderValue))?;
-                headers.append(name, value);
-            }
-
-            let (framing, keep_alive) = framing(&headers, version, code, head_method)?;
-            let mut parts = Response::new(()).into_parts().0;
-            parts.status = status;
-            parts.version = version;
-            parts.headers = headers;
-            return Ok(Some((parts, framing, keep_alive)));
+/// Resolves once the app has sent a complete response head (or closed, or
+/// sent garbage) while the request is still being written; pending otherwise.
+async fn answered(
+    io: &TcpStream,
+    buf: &mut BytesMut,
+    head_method: bool,
+) -> Result<(http::response::Parts, Framing, bool), LinkError> {
+    loop {
+        io.readable().await.map_err(LinkError::Read)?;
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_INITIAL);
         }
+        match io.try_read_buf(buf) {
+            Ok(0) => return Err(LinkError::Read(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {
+                if let Some(head) = parse_head(buf, head_method)? {
+                    return Ok(head);
+                }
+                if buf.len() >= MAX_HEAD {
+                    return Err(LinkError::HeadTooLarge);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(LinkError::Read(e)),
+        }
+    }
+}
+
+/// A complete final response head at the start of `buf`, consumed; `None`
+/// when more bytes are needed. Interim (1xx) responses are skipped.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_method: bool,
+) -> Result<Option<(http::response::Parts, Framing, bool)>, LinkError> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(LinkError::Parse(e)),
+        };
+        let code = parsed.code.unwrap_or(0);
+        if (100..200).contains(&code) {
+            if code == 101 {
+                return Err(LinkError::Unexpected101);
+            }
+            let _ = buf.split_to(len);
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            continue;
+        }
+        let status =
+            StatusCode::from_u16(code).map_err(|_| LinkError::Parse(httparse::Error::Status))?;
+        let version = if parsed.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+
+        // Where each field sits in the head; values become slices of the
+        // head once it is split off the buffer (no copy).
+        let base = buf.as_ptr() as usize;
+        let span = |s: &[u8]| {
+            let start = s.as_ptr() as usize - base;
+            start..start + s.len()
+        };
+        let mut spans: [(std::ops::Range<usize>, std::ops::Range<usize>); MAX_HEADERS] =
+            std::array::from_fn(|_| (0..0, 0..0));
+        let count = parsed.headers.len();
+        for (slot, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+            *slot = (span(h.name.as_bytes()), span(h.value));
+        }
+        let head: Bytes = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for (name, value) in spans.into_iter().take(count) {
+            let name = HeaderName::from_bytes(&head[name])
+                .map_err(|_| LinkError::Parse(httparse::Error::HeaderName))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value))
+                .map_err(|_| LinkError::Parse(httparse::Error::HeaderValue))?;
+            headers.append(name, value);
+        }
+
+        let (framing, keep_alive) = framing(&headers, version, code, head_method)?;
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        return Ok(Some((parts, framing, keep_alive)));
     }
 }
 

@@ -409,3 +409,92 @@ async fn connection_close_and_http10_answers_are_not_reused() {
     );
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn request_bodies_with_a_length_share_the_connections_link() {
+    let up = Upstream::start().await;
+    let gate = kg::start(kg::config(up.url()), Store::memory("acme")).await;
+    let mut client = TcpStream::connect(gate.public_addr).await.unwrap();
+    let body = "x".repeat(100_000);
+    for (i, (method, body)) in [
+        ("POST", body.as_str()),
+        ("GET", ""),
+        ("PUT", "small"),
+        ("PATCH", ""),
+        ("DELETE", "d"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let req = format!(
+            "{method} /b{i} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(req.as_bytes()).await.unwrap();
+        let r = read_response(&mut client).await;
+        assert_eq!(r.status, 200, "{method}: {r:?}");
+    }
+    let seen = up.wait_for(5).await;
+    let lens: Vec<usize> = seen.iter().map(|s| s.body_len).collect();
+    assert_eq!(lens, [100_000, 0, 5, 0, 1]);
+    assert_eq!(
+        seen[0].headers.get("content-length").unwrap(),
+        "100000",
+        "{:?}",
+        seen[0].headers
+    );
+    assert_eq!(
+        up.connections(),
+        1,
+        "five requests, bodies or not, one link"
+    );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn an_answer_before_the_body_is_read_reaches_the_client() {
+    // The app answers 413 from the head alone and never reads the body.
+    let app = scripted_app(vec![
+        (
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!",
+            false,
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+    ])
+    .await;
+    let gate = gate_for(&app).await;
+    let mut client = TcpStream::connect(gate.public_addr).await.unwrap();
+    // 8 MiB: more than the socket buffers between keygate and the app hold.
+    let len = 8 << 20;
+    let head = format!("POST /upload HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.unwrap();
+    let (mut rd, mut wr) = client.into_split();
+    let upload = tokio::spawn(async move {
+        let chunk = vec![b'u'; 64 * 1024];
+        for _ in 0..len / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !seen.windows(8).any(|w| w == b"too big!") {
+        match tokio::time::timeout_at(deadline, rd.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "no answer while uploading ({other:?}): {:?}",
+                String::from_utf8_lossy(&seen)
+            ),
+        }
+    }
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.starts_with("HTTP/1.1 413 "), "{seen:?}");
+    upload.abort();
+    // The link the app stopped reading is not reused.
+    let r = kg::raw(gate.public_addr, &kg::get("/next", "")).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"), "{r:?}");
+    assert_eq!(app.connections.load(Ordering::SeqCst), 2);
+    gate.stop().await;
+}
