@@ -43,6 +43,8 @@ const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Longest chunk-size line, and total trailer section, accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 64 * 1024;
+/// Request body bytes sent in the same write as the head when already here.
+const COALESCE_BYTES: usize = 16 * 1024;
 /// Read buffer: first allocation, and the room made before each body read.
 const READ_INITIAL: usize = 8 * 1024;
 const READ_CHUNK: usize = 32 * 1024;
@@ -285,12 +287,33 @@ impl Conn {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
+        use futures_util::FutureExt;
         use http_body_util::BodyExt;
-        if let Some(answer) = self
-            .write_unless_answered(req.head, req.head_method)
-            .await?
-        {
+        // The head and as much of the body as is already here go out in one
+        // write (one segment and one wake-up of the app for a small body).
+        let mut first = Vec::with_capacity(req.head.len() + 4096);
+        first.extend_from_slice(req.head);
+        let mut ended = false;
+        while first.len() < COALESCE_BYTES {
+            match body.frame().now_or_never() {
+                None => break,
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                Some(Some(Err(e))) => return Err(LinkError::RequestBody(e.into())),
+                Some(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        first.extend_from_slice(data);
+                    }
+                }
+            }
+        }
+        if let Some(answer) = self.write_unless_answered(&first, req.head_method).await? {
             return Ok(Some(answer));
+        }
+        if ended {
+            return Ok(None);
         }
         loop {
             let frame = tokio::select! {
