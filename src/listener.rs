@@ -520,8 +520,13 @@ impl InflightGuard {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        if self.state.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Idle now: let the read side arm the idle/header timer.
+        if self.state.inflight.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.state.upgraded.load(Ordering::Acquire)
+        {
+            // Idle now: let the read side arm the idle timer. (Only HTTP/2
+            // and tunnels need it: an idle HTTP/1 connection parks after
+            // PARK_AFTER, and its parked read arms the timer; waking would
+            // cost every request one more poll of the connection.)
             if let Some(w) = self.state.read_waker.lock().ok().and_then(|mut w| w.take()) {
                 w.wake();
             }
