@@ -174,6 +174,8 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
+    // Decided before the first attempt takes the body: a body cannot be replayed.
+    let replayable = req.idempotent && req.body.is_none();
     loop {
         let (mut conn, reused) = match link.conn.take() {
             Some(c) => (c, true),
@@ -194,7 +196,7 @@ where
                 }
                 return Ok(Response::from_parts(parts, body));
             }
-            Err(e) if reused && req.idempotent && req.body.is_none() && e.stale() => continue,
+            Err(e) if reused && replayable && e.stale() => continue,
             Err(e) => return Err(e),
         }
     }

@@ -498,3 +498,29 @@ async fn an_answer_before_the_body_is_read_reaches_the_client() {
     assert_eq!(app.connections.load(Ordering::SeqCst), 2);
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_with_a_body_is_never_resent_on_a_new_link() {
+    // The app closes the link on the second request instead of answering; a
+    // GET would be sent again on a fresh link, a PUT with a body must not be
+    // (its body is gone): the client gets a 502, the app never sees it twice.
+    let app = scripted_app(vec![
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+        (b"", true),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nresent!",
+            false,
+        ),
+    ])
+    .await;
+    let gate = gate_for(&app).await;
+    let mut client = TcpStream::connect(gate.public_addr).await.unwrap();
+    client.write_all(&keep_alive_get("/first")).await.unwrap();
+    assert_eq!(read_response(&mut client).await.status, 200);
+    let put = format!("PUT /doc HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 4\r\n\r\nbody");
+    client.write_all(put.as_bytes()).await.unwrap();
+    let r = read_response(&mut client).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(app.heads.lock().unwrap().len(), 2, "the PUT was sent again");
+    gate.stop().await;
+}
