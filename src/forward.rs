@@ -1,7 +1,7 @@
 //! Stage 6: forward to the app. Header hygiene happens here, in one pass over
 //! the request headers: hop-by-hop and `Connection`-named headers go, client
 //! copies of identity headers go (in every spelling an app framework may fold
-//! into the same name), then keygate's own headers are *inserted* — the
+//! into the same name), then keygate's own headers are added — the
 //! principal header last, and only from a [`Principal`], so no code path can
 //! forward an org-key request without a successful check.
 
@@ -233,8 +233,8 @@ pub struct Outbound<'a> {
 }
 
 pub struct Forwarder {
-    /// Pooled client: requests with a body, HTTP/2 clients (multiplexed
-    /// streams), upgrades, an `https` app, and clients past [`MAX_OWN_LINKS`].
+    /// Pooled client: chunked uploads, HTTP/2 clients (multiplexed streams),
+    /// upgrades, an `https` app, and clients past [`MAX_OWN_LINKS`].
     client: Client<Connector, RequestBody>,
     /// What own links dial: the app over plain HTTP (`None` for `https`).
     target: Option<link::Target>,
