@@ -23,6 +23,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod h1;
 pub mod head_scan;
 pub mod keys_api;
 pub mod link;
