@@ -1,0 +1,798 @@
+//! The schema walk: each section of the document into its typed struct.
+
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::checks::*;
+use super::table::{quote, resolve_secret, Problems, Section};
+use super::*;
+
+pub(super) const PLACEHOLDER_URI: &str = "http://invalid.invalid/";
+
+pub(super) fn parse_config(
+    table: toml::Table,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
+) -> Config {
+    let mut root = Section::new("", table);
+    let listen = parse_listen(root.sub_or_empty("listen", p), p);
+    let admin = parse_admin(root.sub_or_empty("admin", p), p);
+    if admin.addr == listen.addr && admin.addr.port() != 0 {
+        p.push("admin.addr", "must differ from listen.addr");
+    }
+    let upstream = parse_upstream(root.sub("upstream", p), env, p);
+    let tenant = parse_tenant(root.sub("tenant", p), p);
+    let auth = parse_auth(root.sub_or_empty("auth", p), p);
+    let policy = parse_policy(root.sub_or_empty("policy", p), p);
+    let store = parse_store(root.sub_or_empty("store", p), env, p);
+    let keys = parse_keys(root.sub_or_empty("keys", p), p);
+    let session = match root.sub("session", p) {
+        Ok(Some(s)) => parse_session(s, p),
+        _ => None,
+    };
+    let log = parse_log(root.sub_or_empty("log", p), p);
+    let runtime = parse_runtime(root.sub_or_empty("runtime", p), p);
+    root.finish(p);
+    Config {
+        listen,
+        admin,
+        upstream,
+        tenant,
+        auth,
+        policy,
+        store,
+        keys,
+        session,
+        log,
+        runtime,
+    }
+}
+
+pub(super) fn parse_listen(mut s: Section, p: &mut Problems) -> ListenConfig {
+    let addr = s.socket_addr("addr", "0.0.0.0:8443", p);
+    let trusted_proxies = s
+        .strings("trusted_proxies", p)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(key, v)| match parse_trusted_proxy(&v) {
+            Some(net) => Some(net),
+            None => {
+                p.push(key, format!("{} is not a CIDR or IP address", quote(&v)));
+                None
+            }
+        })
+        .collect();
+    let header_timeout = s.duration("header_timeout", Duration::from_secs(10), false, p);
+    let idle_timeout = s.duration("idle_timeout", Duration::from_secs(60), false, p);
+    let max_connections = s.int_range("max_connections", 10_000, 1, i64::MAX, p);
+    let shutdown_grace = s.duration("shutdown_grace", Duration::from_secs(30), true, p);
+    let tls = match s.sub("tls", p) {
+        Ok(Some(t)) => parse_tls(t, p),
+        _ => None,
+    };
+    s.finish(p);
+    ListenConfig {
+        addr,
+        trusted_proxies,
+        header_timeout,
+        idle_timeout,
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        shutdown_grace,
+        tls,
+    }
+}
+
+pub(super) fn parse_tls(mut s: Section, p: &mut Problems) -> Option<TlsConfig> {
+    let required = |s: &Section, k: &str, p: &mut Problems| {
+        if !s.has(k) {
+            p.push(s.key(k), "required when [listen.tls] is present");
+        }
+    };
+    required(&s, "cert", p);
+    required(&s, "key", p);
+    let cert = s.readable_file("cert", p);
+    let key = s.readable_file("key", p);
+    let handshake_timeout = s.duration("handshake_timeout", Duration::from_secs(10), false, p);
+    s.finish(p);
+    Some(TlsConfig {
+        cert: cert?,
+        key: key?,
+        handshake_timeout,
+    })
+}
+
+pub(super) fn parse_admin(mut s: Section, p: &mut Problems) -> AdminConfig {
+    let addr = s.socket_addr("addr", "127.0.0.1:9090", p);
+    s.finish(p);
+    AdminConfig { addr }
+}
+
+pub(super) fn parse_upstream(
+    section: Result<Option<Section>, ()>,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
+) -> UpstreamConfig {
+    let (mut s, report_missing) = match section {
+        Ok(Some(s)) => (s, true),
+        Ok(None) => (Section::new("upstream", toml::Table::new()), true),
+        Err(()) => (Section::new("upstream", toml::Table::new()), false),
+    };
+    let url_key = s.key("url");
+    let url = match s.string("url", p) {
+        None => {
+            if report_missing && !p.has(&url_key) {
+                p.push(
+                    url_key,
+                    "required (the tenant app, e.g. \"http://127.0.0.1:8080\")",
+                );
+            }
+            None
+        }
+        Some(v) => match check_http_url(&v, true) {
+            Ok(u) => Some(u),
+            Err(m) => {
+                p.push(url_key, m);
+                None
+            }
+        },
+    };
+    let connect_timeout = s.duration("connect_timeout", Duration::from_secs(2), false, p);
+    let timeout = s.duration("timeout", Duration::from_secs(60), false, p);
+    let authorization = s.secret("authorization", env, p).and_then(|secret| {
+        let ok = !secret.expose().starts_with(char::is_whitespace)
+            && !secret.expose().ends_with(char::is_whitespace)
+            && http::HeaderValue::from_str(&format!("Bearer {}", secret.expose())).is_ok();
+        if ok {
+            Some(secret)
+        } else {
+            p.push(
+                s.key("authorization"),
+                "not usable in an Authorization header (control characters or surrounding whitespace; value not shown)",
+            );
+            None
+        }
+    });
+    let ca_file = s.readable_file("ca_file", p);
+    s.finish(p);
+    UpstreamConfig {
+        url: url.unwrap_or(http::Uri::from_static(PLACEHOLDER_URI)),
+        connect_timeout,
+        timeout,
+        authorization,
+        ca_file,
+    }
+}
+
+pub(super) fn parse_tenant(section: Result<Option<Section>, ()>, p: &mut Problems) -> TenantConfig {
+    let mut s = match section {
+        Ok(Some(s)) => s,
+        Ok(None) => Section::new("tenant", toml::Table::new()),
+        Err(()) => {
+            // wrong type already reported; do not also report the slug missing
+            return TenantConfig {
+                slug: String::new(),
+                domain: "moleculesai.app".into(),
+                extra_hosts: vec![],
+            };
+        }
+    };
+    let slug = match s.string("slug", p) {
+        None => {
+            if !p.has("tenant.slug") {
+                p.push("tenant.slug", "required (the tenant's name, e.g. \"acme\")");
+            }
+            String::new()
+        }
+        Some(v) => match check_slug(&v) {
+            Ok(()) => v,
+            Err(m) => {
+                p.push("tenant.slug", m);
+                String::new()
+            }
+        },
+    };
+    let domain = match s.string("domain", p) {
+        None => "moleculesai.app".to_string(),
+        Some(v) => match check_host(&v, false) {
+            Ok(d) => d,
+            Err(m) => {
+                p.push("tenant.domain", m);
+                "moleculesai.app".to_string()
+            }
+        },
+    };
+    let extra_hosts = s
+        .strings("extra_hosts", p)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(key, v)| match check_host(&v, true) {
+            Ok(h) => Some(h),
+            Err(m) => {
+                p.push(key, m);
+                None
+            }
+        })
+        .collect();
+    s.finish(p);
+    TenantConfig {
+        slug,
+        domain,
+        extra_hosts,
+    }
+}
+
+pub(super) fn parse_forward_policy(s: &mut Section, k: &str, p: &mut Problems) -> ForwardPolicy {
+    match s.choice(k, &["forward", "reject"], 0, p) {
+        1 => ForwardPolicy::Reject,
+        _ => ForwardPolicy::Forward,
+    }
+}
+
+pub(super) fn parse_auth(mut s: Section, p: &mut Problems) -> AuthConfig {
+    let key_prefix = match s.string("key_prefix", p) {
+        None => "mok_".to_string(),
+        Some(v) => match check_key_prefix(&v) {
+            Ok(()) => v,
+            Err(m) => {
+                p.push(s.key("key_prefix"), m);
+                "mok_".to_string()
+            }
+        },
+    };
+    let default_header = HeaderName::from_static("x-molecule-principal");
+    let principal_header = match s.string("principal_header", p) {
+        None => default_header,
+        Some(v) => match check_principal_header(&v) {
+            Ok(h) => h,
+            Err(m) => {
+                p.push(s.key("principal_header"), m);
+                default_header
+            }
+        },
+    };
+    let other_bearer = parse_forward_policy(&mut s, "other_bearer", p);
+    let anonymous = parse_forward_policy(&mut s, "anonymous", p);
+    let on_store_unavailable =
+        match s.choice("on_store_unavailable", &["reject", "serve_cached"], 0, p) {
+            1 => OutagePolicy::ServeCached,
+            _ => OutagePolicy::Reject,
+        };
+    let max_stale = s.duration("max_stale", Duration::from_secs(30), true, p);
+    let cache_ttl = s.duration("cache_ttl", Duration::from_secs(60), true, p);
+    let cache_capacity = s.int_range("cache_capacity", 100_000, 1, i64::MAX, p);
+    let negative_ttl = s.duration("negative_ttl", Duration::from_secs(5), true, p);
+    s.finish(p);
+    AuthConfig {
+        key_prefix,
+        principal_header,
+        other_bearer,
+        anonymous,
+        on_store_unavailable,
+        max_stale,
+        cache_ttl,
+        cache_capacity: usize::try_from(cache_capacity).unwrap_or(usize::MAX),
+        negative_ttl,
+    }
+}
+
+pub(super) fn parse_policy(mut s: Section, p: &mut Problems) -> PolicyConfig {
+    let deny_prefixes = match s.strings("deny_prefixes", p) {
+        None => vec!["/cp/admin".to_string()],
+        Some(items) => items
+            .into_iter()
+            .filter_map(|(key, v)| match check_deny_prefix(&v) {
+                Ok(d) => Some(d),
+                Err(m) => {
+                    p.push(key, m);
+                    None
+                }
+            })
+            .collect(),
+    };
+    s.finish(p);
+    PolicyConfig { deny_prefixes }
+}
+
+pub(super) fn redis_secret(
+    key: String,
+    value: String,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
+) -> Option<Secret> {
+    let secret = resolve_secret(&key, value, env, p)?;
+    match check_redis_url(secret.expose()) {
+        Ok(()) => Some(secret),
+        Err(m) => {
+            p.push(key, m);
+            None
+        }
+    }
+}
+
+pub(super) fn redis_secrets(
+    key: &str,
+    items: Vec<(String, String)>,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
+) -> Option<Vec<Secret>> {
+    if items.is_empty() {
+        p.push(key, "must list at least one node");
+        return None;
+    }
+    let n = items.len();
+    let nodes: Vec<Secret> = items
+        .into_iter()
+        .filter_map(|(k, v)| redis_secret(k, v, env, p))
+        .collect();
+    (nodes.len() == n).then_some(nodes)
+}
+
+pub(super) fn parse_store(
+    mut s: Section,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
+) -> StoreConfig {
+    let memory = s.choice("backend", &["redis", "memory"], 0, p) == 1;
+    let targets: Vec<&str> = ["url", "cluster", "sentinel"]
+        .into_iter()
+        .filter(|k| s.has(k))
+        .collect();
+    if memory {
+        for k in &targets {
+            p.push(s.key(k), "not used with backend = \"memory\"");
+            s.take(k);
+        }
+    } else if targets.len() > 1 {
+        p.push(
+            "store",
+            format!(
+                "give exactly one of url, cluster or sentinel (found {})",
+                targets.join(" and ")
+            ),
+        );
+    }
+    let url = s
+        .string("url", p)
+        .and_then(|v| redis_secret(s.key("url"), v, env, p));
+    let cluster_key = s.key("cluster");
+    let cluster = s
+        .strings("cluster", p)
+        .and_then(|items| redis_secrets(&cluster_key, items, env, p));
+    let sentinel = match s.sub("sentinel", p) {
+        Ok(Some(mut t)) => {
+            let master = match t.string("master", p) {
+                Some(m) if !m.is_empty() => Some(m),
+                Some(_) => {
+                    p.push(t.key("master"), "must not be empty");
+                    None
+                }
+                None => {
+                    if !p.has(&t.key("master")) {
+                        p.push(t.key("master"), "required (the monitored master's name)");
+                    }
+                    None
+                }
+            };
+            let nodes_key = t.key("nodes");
+            let nodes = match t.strings("nodes", p) {
+                Some(items) => redis_secrets(&nodes_key, items, env, p),
+                None => {
+                    if !p.has(&nodes_key) {
+                        p.push(
+                            nodes_key,
+                            "required (sentinel addresses, redis://host:26379)",
+                        );
+                    }
+                    None
+                }
+            };
+            t.finish(p);
+            master.zip(nodes)
+        }
+        _ => None,
+    };
+    let timeout = s.duration("timeout", Duration::from_millis(250), false, p);
+    s.finish(p);
+    let backend = if memory {
+        StoreBackend::Memory
+    } else if let Some(u) = url {
+        StoreBackend::Redis(RedisTarget::Url(u))
+    } else if let Some(c) = cluster {
+        StoreBackend::Redis(RedisTarget::Cluster(c))
+    } else if let Some((master, nodes)) = sentinel {
+        StoreBackend::Redis(RedisTarget::Sentinel { master, nodes })
+    } else if targets.is_empty() {
+        // The contract's default: a Redis on the same host.
+        StoreBackend::Redis(RedisTarget::Url(Secret::new(DEFAULT_REDIS_URL)))
+    } else {
+        // Only reached with a problem recorded above.
+        StoreBackend::Memory
+    };
+    StoreConfig { backend, timeout }
+}
+
+pub(super) fn parse_keys(mut s: Section, p: &mut Problems) -> KeysConfig {
+    let max_live = s.int_range("max_live", 100, 1, i64::from(u32::MAX), p);
+    s.finish(p);
+    KeysConfig {
+        max_live: u32::try_from(max_live).unwrap_or(100),
+    }
+}
+
+pub(super) fn parse_session(mut s: Section, p: &mut Problems) -> Option<SessionConfig> {
+    let verify_url = match s.string("verify_url", p) {
+        Some(v) => match check_http_url(&v, false) {
+            Ok(u) => Some(u),
+            Err(m) => {
+                p.push(s.key("verify_url"), m);
+                None
+            }
+        },
+        None => {
+            if !p.has("session.verify_url") {
+                p.push("session.verify_url", "required when [session] is present");
+            }
+            None
+        }
+    };
+    let cookie = match s.string("cookie", p) {
+        Some(v) => match check_cookie_name(&v) {
+            Ok(()) => Some(v),
+            Err(m) => {
+                p.push(s.key("cookie"), m);
+                None
+            }
+        },
+        None => {
+            if !p.has("session.cookie") {
+                p.push("session.cookie", "required when [session] is present");
+            }
+            None
+        }
+    };
+    let timeout = s.duration("timeout", Duration::from_secs(2), false, p);
+    let cache_ttl = s.duration("cache_ttl", Duration::from_secs(30), true, p);
+    let negative_ttl = s.duration("negative_ttl", Duration::from_secs(5), true, p);
+    s.finish(p);
+    Some(SessionConfig {
+        verify_url: verify_url?,
+        cookie: cookie?,
+        timeout,
+        cache_ttl,
+        negative_ttl,
+    })
+}
+
+pub(super) const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
+
+pub(super) fn parse_log(mut s: Section, p: &mut Problems) -> LogConfig {
+    let format = match s.choice("format", &["json", "text"], 0, p) {
+        1 => LogFormat::Text,
+        _ => LogFormat::Json,
+    };
+    let level = LOG_LEVELS[s.choice("level", &LOG_LEVELS, 2, p)].to_string();
+    let access = s.boolean("access", p).unwrap_or(true);
+    s.finish(p);
+    LogConfig {
+        format,
+        level,
+        access,
+    }
+}
+
+pub(super) fn parse_runtime(mut s: Section, p: &mut Problems) -> RuntimeConfig {
+    let worker_threads = s.int_range("worker_threads", 0, 0, 1024, p);
+    s.finish(p);
+    RuntimeConfig {
+        worker_threads: usize::try_from(worker_threads).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::table::toml_string;
+    use super::super::testing::*;
+    use super::super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn minimal_config_gets_contract_defaults() {
+        let c = ok(MINIMAL);
+        assert_eq!(c.listen.addr, "0.0.0.0:8443".parse().unwrap());
+        assert!(c.listen.trusted_proxies.is_empty());
+        assert_eq!(c.listen.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.listen.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.listen.max_connections, 10_000);
+        assert_eq!(c.listen.shutdown_grace, Duration::from_secs(30));
+        assert!(c.listen.tls.is_none());
+        assert_eq!(c.admin.addr, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.upstream.url, "http://127.0.0.1:8080");
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.upstream.timeout, Duration::from_secs(60));
+        assert!(c.upstream.authorization.is_none());
+        assert!(c.upstream.ca_file.is_none());
+        assert_eq!(c.tenant.slug, "acme");
+        assert_eq!(c.tenant.domain, "moleculesai.app");
+        assert!(c.tenant.extra_hosts.is_empty());
+        assert_eq!(c.tenant.served_hosts(), vec!["acme.moleculesai.app"]);
+        assert_eq!(c.auth.key_prefix, "mok_");
+        assert_eq!(c.auth.principal_header.as_str(), "x-molecule-principal");
+        assert_eq!(c.auth.other_bearer, ForwardPolicy::Forward);
+        assert_eq!(c.auth.anonymous, ForwardPolicy::Forward);
+        assert_eq!(c.auth.on_store_unavailable, OutagePolicy::Reject);
+        assert_eq!(c.auth.max_stale, Duration::from_secs(30));
+        assert_eq!(c.auth.cache_ttl, Duration::from_secs(60));
+        assert_eq!(c.auth.cache_capacity, 100_000);
+        assert_eq!(c.auth.negative_ttl, Duration::from_secs(5));
+        assert_eq!(c.policy.deny_prefixes, vec!["/cp/admin"]);
+        match &c.store.backend {
+            StoreBackend::Redis(RedisTarget::Url(u)) => {
+                assert_eq!(u.expose(), "redis://127.0.0.1:6379/0")
+            }
+            other => panic!("unexpected backend {other:?}"),
+        }
+        assert_eq!(c.store.timeout, Duration::from_millis(250));
+        assert_eq!(c.keys.max_live, 100);
+        assert!(c.session.is_none());
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.level, "info");
+        assert!(c.log.access);
+        assert_eq!(c.runtime.worker_threads, 0);
+    }
+
+    #[test]
+    fn defaults_match_for_tests() {
+        // for_tests documents itself as "every other value at its default".
+        let parsed = ok(MINIMAL);
+        let t = Config::for_tests("acme", "http://127.0.0.1:8080".parse().unwrap());
+        let strip = |s: String| {
+            s.lines()
+                .filter(|l| !l.starts_with("addr =") && !l.starts_with("url ="))
+                .filter(|l| !l.starts_with("backend ="))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(
+            strip(parsed.to_redacted_toml()),
+            strip(t.to_redacted_toml())
+        );
+    }
+
+    #[test]
+    fn auth_policies() {
+        let c = ok(&with(
+            "[auth]\nother_bearer = \"reject\"\nanonymous = \"reject\"\non_store_unavailable = \"serve_cached\"\nmax_stale = \"2m\"\ncache_ttl = \"10s\"\nnegative_ttl = \"1s\"",
+        ));
+        assert_eq!(c.auth.other_bearer, ForwardPolicy::Reject);
+        assert_eq!(c.auth.anonymous, ForwardPolicy::Reject);
+        assert_eq!(c.auth.on_store_unavailable, OutagePolicy::ServeCached);
+        assert_eq!(c.auth.max_stale, Duration::from_secs(120));
+        assert_eq!(c.auth.cache_ttl, Duration::from_secs(10));
+        assert_eq!(c.auth.negative_ttl, Duration::from_secs(1));
+        let ks = keys(&with(
+            "[auth]\nother_bearer = \"Forward\"\nanonymous = \"allow\"\non_store_unavailable = \"forward\"",
+        ));
+        assert_eq!(
+            ks,
+            vec![
+                "auth.other_bearer",
+                "auth.anonymous",
+                "auth.on_store_unavailable"
+            ]
+        );
+        let m = one_problem(&with("[auth]\nanonymous = \"allow\""), "auth.anonymous");
+        assert_eq!(m, "\"allow\" is not one of \"forward\", \"reject\"");
+    }
+
+    fn store(body: &str) -> String {
+        let base = MINIMAL.replace("[store]\nurl = \"redis://127.0.0.1:6379/0\"\n", "");
+        format!("{base}\n[store]\n{body}\n")
+    }
+
+    #[test]
+    fn store_targets() {
+        let c = ok(&store("backend = \"memory\""));
+        assert!(matches!(c.store.backend, StoreBackend::Memory));
+        let c = ok(&store(
+            "cluster = [\"redis://10.0.0.1:6379\", \"rediss://10.0.0.2:6379\"]",
+        ));
+        match c.store.backend {
+            StoreBackend::Redis(RedisTarget::Cluster(n)) => assert_eq!(n.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        let c = ok(&store(
+            "sentinel = { master = \"keygate\", nodes = [\"redis://10.0.0.1:26379\"] }",
+        ));
+        match c.store.backend {
+            StoreBackend::Redis(RedisTarget::Sentinel { master, nodes }) => {
+                assert_eq!(master, "keygate");
+                assert_eq!(nodes.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = ok(&store("url = \"rediss://:pw@cache.internal:6380/2\""));
+        assert!(matches!(
+            c.store.backend,
+            StoreBackend::Redis(RedisTarget::Url(_))
+        ));
+
+        // no target: the contract's default URL; several: one problem naming `store`
+        let c = ok(&store("timeout = \"1s\""));
+        match c.store.backend {
+            StoreBackend::Redis(RedisTarget::Url(u)) => assert_eq!(u.expose(), DEFAULT_REDIS_URL),
+            other => panic!("{other:?}"),
+        }
+        let m = one_problem(
+            &store("url = \"redis://a:6379\"\ncluster = [\"redis://b:6379\"]"),
+            "store",
+        );
+        assert!(m.contains("url and cluster"), "{m}");
+        // memory with a target: the target is named
+        one_problem(
+            &store("backend = \"memory\"\nurl = \"redis://a:6379\""),
+            "store.url",
+        );
+        one_problem(
+            &store("backend = \"etcd\"\nurl = \"redis://a:6379\""),
+            "store.backend",
+        );
+
+        // URL rules
+        for bad in [
+            "http://a:6379",
+            "redis://",
+            "redis://a:6379/zero",
+            "redis://a:6379/0?protocol=resp3",
+            "unix:///tmp/redis.sock",
+            "redis://0.0.0.0:6379",
+            "",
+        ] {
+            one_problem(&store(&format!("url = {}", toml_string(bad))), "store.url");
+        }
+        one_problem(&store("cluster = []"), "store.cluster");
+        one_problem(
+            &store("cluster = [\"redis://a:1\", \"http://b:1\"]"),
+            "store.cluster[1]",
+        );
+        one_problem(
+            &store("sentinel = { master = \"\", nodes = [\"redis://a:1\"] }"),
+            "store.sentinel.master",
+        );
+        one_problem(
+            &store("sentinel = { nodes = [\"redis://a:1\"] }"),
+            "store.sentinel.master",
+        );
+        one_problem(
+            &store("sentinel = { master = \"m\" }"),
+            "store.sentinel.nodes",
+        );
+        one_problem(
+            &store("sentinel = { master = \"m\", nodes = [\"redis://a:1\", \"x\"] }"),
+            "store.sentinel.nodes[1]",
+        );
+        one_problem(&store("sentinel = \"redis://a:1\""), "store.sentinel");
+    }
+
+    #[test]
+    fn session_section() {
+        let c = ok(&with(
+            "[session]\nverify_url = \"https://api.moleculesai.app/cp/auth/tenant-member?slug=acme\"\ncookie = \"wos-session\"",
+        ));
+        let s = c.session.expect("session");
+        assert_eq!(
+            s.verify_url,
+            "https://api.moleculesai.app/cp/auth/tenant-member?slug=acme"
+        );
+        assert_eq!(s.cookie, "wos-session");
+        assert_eq!(s.timeout, Duration::from_secs(2));
+        assert_eq!(s.cache_ttl, Duration::from_secs(30));
+        assert_eq!(s.negative_ttl, Duration::from_secs(5));
+
+        assert_eq!(
+            keys(&with("[session]\ntimeout = \"1s\"")),
+            vec!["session.verify_url", "session.cookie"]
+        );
+        one_problem(
+            &with("[session]\nverify_url = \"ftp://x\"\ncookie = \"sid\""),
+            "session.verify_url",
+        );
+        one_problem(
+            &with("[session]\nverify_url = \"https://u:p@x/check\"\ncookie = \"sid\""),
+            "session.verify_url",
+        );
+        for bad in ["", "a b", "a;b", "a=b", "sé"] {
+            one_problem(
+                &with(&format!(
+                    "[session]\nverify_url = \"https://x/c\"\ncookie = {}",
+                    toml_string(bad)
+                )),
+                "session.cookie",
+            );
+        }
+        one_problem(
+            &with("[session]\nverify_url = \"https://x/c\"\ncookie = \"s\"\ntimeout = \"0s\""),
+            "session.timeout",
+        );
+    }
+
+    #[test]
+    fn log_and_runtime() {
+        let c = ok(&with(
+            "[log]\nformat = \"text\"\nlevel = \"debug\"\naccess = false",
+        ));
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.log.level, "debug");
+        assert!(!c.log.access);
+        assert_eq!(
+            keys(&with(
+                "[log]\nformat = \"yaml\"\nlevel = \"verbose\"\naccess = \"yes\""
+            )),
+            vec!["log.format", "log.level", "log.access"]
+        );
+        one_problem(
+            &with("[runtime]\nworker_threads = 100000"),
+            "runtime.worker_threads",
+        );
+    }
+
+    #[test]
+    fn tls_files_must_be_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("tls.crt");
+        let key = dir.path().join("tls.key");
+        std::fs::write(&cert, "cert").unwrap();
+        std::fs::write(&key, "key").unwrap();
+        let tls = |c: &std::path::Path, k: &std::path::Path, extra: &str| {
+            with(&format!(
+                "[listen.tls]\ncert = {}\nkey = {}\n{extra}",
+                toml_string(&c.display().to_string()),
+                toml_string(&k.display().to_string())
+            ))
+        };
+        let c = ok(&tls(&cert, &key, ""));
+        let t = c.listen.tls.expect("tls");
+        assert_eq!(t.cert, cert);
+        assert_eq!(t.key, key);
+        assert_eq!(t.handshake_timeout, Duration::from_secs(10));
+        let c = ok(&tls(&cert, &key, "handshake_timeout = \"3s\""));
+        assert_eq!(
+            c.listen.tls.unwrap().handshake_timeout,
+            Duration::from_secs(3)
+        );
+
+        let missing = dir.path().join("nope.key");
+        let m = one_problem(&tls(&cert, &missing, ""), "listen.tls.key");
+        assert!(m.starts_with("cannot read"), "{m}");
+        one_problem(&tls(dir.path(), &key, ""), "listen.tls.cert");
+        assert_eq!(
+            keys(&with("[listen.tls]\nhandshake_timeout = \"1s\"")),
+            vec!["listen.tls.cert", "listen.tls.key"]
+        );
+        // [listen.tls] given inline is the same table
+        let inline = MINIMAL.to_string()
+            + &format!(
+                "[listen]\ntls = {{ cert = {}, key = {} }}\n",
+                toml_string(&cert.display().to_string()),
+                toml_string(&key.display().to_string())
+            );
+        assert!(ok(&inline).listen.tls.is_some());
+    }
+
+    #[test]
+    fn upstream_ca_file() {
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        let c = ok(&in_section(
+            "upstream",
+            &format!(
+                "ca_file = {}",
+                toml_string(&ca.path().display().to_string())
+            ),
+        ));
+        assert_eq!(c.upstream.ca_file.as_deref(), Some(ca.path()));
+        one_problem(
+            &in_section("upstream", "ca_file = \"/nonexistent/keygate/ca.pem\""),
+            "upstream.ca_file",
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! The redacted rendering behind `keygate check` ([`Config::to_redacted_toml`]).
+
+use std::time::Duration;
+
+use super::table::toml_string;
+use super::values::format_duration;
+use super::*;
+
+const REDACTED: &str = "[redacted]";
+
+pub(super) fn redact_redis_url(s: &str) -> String {
+    let Some(scheme_end) = s.find("://") else {
+        return REDACTED.to_string();
+    };
+    let rest = &s[scheme_end + 3..];
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..auth_end];
+    match authority.rfind('@') {
+        None => s.to_string(),
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let shown = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:{REDACTED}"),
+                None => REDACTED.to_string(),
+            };
+            format!(
+                "{}{shown}{}",
+                &s[..scheme_end + 3],
+                &s[scheme_end + 3 + at..]
+            )
+        }
+    }
+}
+
+pub(super) fn render_redacted(c: &Config) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let strs = |items: &mut dyn Iterator<Item = String>| -> String {
+        let v: Vec<String> = items.map(|s| toml_string(&s)).collect();
+        format!("[{}]", v.join(", "))
+    };
+    let d = |d: Duration| toml_string(&format_duration(d));
+    let path = |p: &std::path::Path| toml_string(&p.to_string_lossy());
+    let redis = |s: &Secret| toml_string(&redact_redis_url(s.expose()));
+
+    let l = &c.listen;
+    let _ = writeln!(o, "[listen]");
+    let _ = writeln!(o, "addr = {}", toml_string(&l.addr.to_string()));
+    let _ = writeln!(
+        o,
+        "trusted_proxies = {}",
+        strs(&mut l.trusted_proxies.iter().map(|n| n.to_string()))
+    );
+    let _ = writeln!(o, "header_timeout = {}", d(l.header_timeout));
+    let _ = writeln!(o, "idle_timeout = {}", d(l.idle_timeout));
+    let _ = writeln!(o, "max_connections = {}", l.max_connections);
+    let _ = writeln!(o, "shutdown_grace = {}", d(l.shutdown_grace));
+    if let Some(t) = &l.tls {
+        let _ = writeln!(o, "\n[listen.tls]");
+        let _ = writeln!(o, "cert = {}", path(&t.cert));
+        let _ = writeln!(o, "key = {}", path(&t.key));
+        let _ = writeln!(o, "handshake_timeout = {}", d(t.handshake_timeout));
+    }
+
+    let _ = writeln!(o, "\n[admin]");
+    let _ = writeln!(o, "addr = {}", toml_string(&c.admin.addr.to_string()));
+
+    let u = &c.upstream;
+    let _ = writeln!(o, "\n[upstream]");
+    // origin only (validated): print it without the `/` that `Uri` adds
+    let origin = match (u.url.scheme_str(), u.url.authority()) {
+        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}"),
+        _ => u.url.to_string(),
+    };
+    let _ = writeln!(o, "url = {}", toml_string(&origin));
+    let _ = writeln!(o, "connect_timeout = {}", d(u.connect_timeout));
+    let _ = writeln!(o, "timeout = {}", d(u.timeout));
+    if u.authorization.is_some() {
+        let _ = writeln!(o, "authorization = {}", toml_string(REDACTED));
+    }
+    if let Some(ca) = &u.ca_file {
+        let _ = writeln!(o, "ca_file = {}", path(ca));
+    }
+
+    let t = &c.tenant;
+    let _ = writeln!(o, "\n[tenant]");
+    let _ = writeln!(o, "slug = {}", toml_string(&t.slug));
+    let _ = writeln!(o, "domain = {}", toml_string(&t.domain));
+    let _ = writeln!(
+        o,
+        "extra_hosts = {}",
+        strs(&mut t.extra_hosts.iter().cloned())
+    );
+
+    let a = &c.auth;
+    let fwd = |f: ForwardPolicy| match f {
+        ForwardPolicy::Forward => "\"forward\"",
+        ForwardPolicy::Reject => "\"reject\"",
+    };
+    let _ = writeln!(o, "\n[auth]");
+    let _ = writeln!(o, "key_prefix = {}", toml_string(&a.key_prefix));
+    let _ = writeln!(
+        o,
+        "principal_header = {}",
+        toml_string(a.principal_header.as_str())
+    );
+    let _ = writeln!(o, "other_bearer = {}", fwd(a.other_bearer));
+    let _ = writeln!(o, "anonymous = {}", fwd(a.anonymous));
+    let outage = match a.on_store_unavailable {
+        OutagePolicy::Reject => "\"reject\"",
+        OutagePolicy::ServeCached => "\"serve_cached\"",
+    };
+    let _ = writeln!(o, "on_store_unavailable = {outage}");
+    let _ = writeln!(o, "max_stale = {}", d(a.max_stale));
+    let _ = writeln!(o, "cache_ttl = {}", d(a.cache_ttl));
+    let _ = writeln!(o, "cache_capacity = {}", a.cache_capacity);
+    let _ = writeln!(o, "negative_ttl = {}", d(a.negative_ttl));
+
+    let _ = writeln!(o, "\n[policy]");
+    let _ = writeln!(
+        o,
+        "deny_prefixes = {}",
+        strs(&mut c.policy.deny_prefixes.iter().cloned())
+    );
+
+    let _ = writeln!(o, "\n[store]");
+    match &c.store.backend {
+        StoreBackend::Memory => {
+            let _ = writeln!(o, "backend = \"memory\"");
+        }
+        StoreBackend::Redis(target) => {
+            let _ = writeln!(o, "backend = \"redis\"");
+            match target {
+                RedisTarget::Url(u) => {
+                    let _ = writeln!(o, "url = {}", redis(u));
+                }
+                RedisTarget::Cluster(nodes) => {
+                    let v: Vec<String> = nodes.iter().map(redis).collect();
+                    let _ = writeln!(o, "cluster = [{}]", v.join(", "));
+                }
+                RedisTarget::Sentinel { master, nodes } => {
+                    let v: Vec<String> = nodes.iter().map(redis).collect();
+                    let _ = writeln!(
+                        o,
+                        "sentinel = {{ master = {}, nodes = [{}] }}",
+                        toml_string(master),
+                        v.join(", ")
+                    );
+                }
+            }
+        }
+    }
+    let _ = writeln!(o, "timeout = {}", d(c.store.timeout));
+
+    let _ = writeln!(o, "\n[keys]");
+    let _ = writeln!(o, "max_live = {}", c.keys.max_live);
+
+    if let Some(s) = &c.session {
+        let _ = writeln!(o, "\n[session]");
+        let _ = writeln!(o, "verify_url = {}", toml_string(&s.verify_url.to_string()));
+        let _ = writeln!(o, "cookie = {}", toml_string(&s.cookie));
+        let _ = writeln!(o, "timeout = {}", d(s.timeout));
+        let _ = writeln!(o, "cache_ttl = {}", d(s.cache_ttl));
+        let _ = writeln!(o, "negative_ttl = {}", d(s.negative_ttl));
+    }
+
+    let _ = writeln!(o, "\n[log]");
+    let format = match c.log.format {
+        LogFormat::Json => "\"json\"",
+        LogFormat::Text => "\"text\"",
+    };
+    let _ = writeln!(o, "format = {format}");
+    let _ = writeln!(o, "level = {}", toml_string(&c.log.level));
+    let _ = writeln!(o, "access = {}", c.log.access);
+
+    let _ = writeln!(o, "\n[runtime]");
+    let _ = writeln!(o, "worker_threads = {}", c.runtime.worker_threads);
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::table::toml_string;
+    use super::super::testing::*;
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn redaction_hides_every_secret() {
+        let c = Config::from_toml_str(WITH_SECRETS, &test_env).unwrap();
+        let out = c.to_redacted_toml();
+        let dbg = format!("{c:?}");
+        for text in [&out, &dbg] {
+            assert!(!text.contains(SECRET), "{text}");
+            assert!(!text.contains(REDIS_PW), "{text}");
+        }
+        assert!(out.contains("authorization = \"[redacted]\""), "{out}");
+        assert!(
+            out.contains("url = \"redis://keygate:[redacted]@cache.internal:6379/3\""),
+            "{out}"
+        );
+        let text = MINIMAL.replace(
+            "url = \"redis://127.0.0.1:6379/0\"",
+            "sentinel = { master = \"m\", nodes = [\"env:NODE_A\"] }",
+        );
+        let c = Config::from_toml_str(&text, &test_env).unwrap();
+        let out = c.to_redacted_toml();
+        assert!(!out.contains(REDIS_PW) && !format!("{c:?}").contains(REDIS_PW));
+        assert!(
+            out.contains("nodes = [\"redis://:[redacted]@10.0.0.1:6379\"]"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn redis_url_redaction() {
+        let cases = [
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            ("redis://:pw@h:1/0", "redis://:[redacted]@h:1/0"),
+            ("rediss://user:p@ss@h:1", "rediss://user:[redacted]@h:1"),
+            ("redis://lonetoken@h", "redis://[redacted]@h"),
+            (
+                "rediss://u:pw@h#insecure",
+                "rediss://u:[redacted]@h#insecure",
+            ),
+            ("garbage", "[redacted]"),
+        ];
+        for (input, shown) in cases {
+            assert_eq!(redact_redis_url(input), shown, "{input}");
+        }
+    }
+
+    /// Parse `text`, render, put the secrets back, parse again: same rendering.
+    fn assert_round_trip(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        secrets: &[(&str, &str)],
+    ) {
+        let first = Config::from_toml_str(text, env).unwrap();
+        let rendered = first.to_redacted_toml();
+        let mut restored = rendered.clone();
+        for (redacted, secret) in secrets {
+            restored = restored.replace(redacted, secret);
+        }
+        let second = match Config::from_toml_str(&restored, &no_env) {
+            Ok(c) => c,
+            Err(e) => panic!("rendered config does not re-parse:\n{e}\n---\n{restored}"),
+        };
+        assert_eq!(second.to_redacted_toml(), rendered);
+    }
+
+    #[test]
+    fn redacted_output_round_trips() {
+        assert_round_trip(MINIMAL, &no_env, &[]);
+        assert_round_trip(
+            WITH_SECRETS,
+            &test_env,
+            &[
+                (
+                    "authorization = \"[redacted]\"",
+                    &format!("authorization = \"{SECRET}\""),
+                ),
+                ("keygate:[redacted]@", &format!("keygate:{REDIS_PW}@")),
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f.pem");
+        std::fs::write(&f, "x").unwrap();
+        let fp = toml_string(&f.display().to_string());
+        let everything = format!(
+            r#"
+[listen]
+addr = "[::1]:8443"
+trusted_proxies = ["10.0.0.0/8", "::1"]
+header_timeout = "1500ms"
+idle_timeout = "2m"
+max_connections = 7
+shutdown_grace = "0s"
+[listen.tls]
+cert = {fp}
+key = {fp}
+handshake_timeout = "1h"
+[admin]
+addr = "127.0.0.1:9999"
+[upstream]
+url = "https://app.internal:8443/"
+ca_file = {fp}
+[tenant]
+slug = "acme-2"
+domain = "Example.com."
+extra_hosts = ["localhost", "::1", "weird\"quote.example"]
+[auth]
+key_prefix = "org_"
+principal_header = "X-Org-Principal"
+other_bearer = "reject"
+anonymous = "reject"
+on_store_unavailable = "serve_cached"
+cache_capacity = 5
+[policy]
+deny_prefixes = ["/A", "/b/"]
+[store]
+sentinel = {{ master = "m\\x", nodes = ["redis://a:26379", "rediss://b:26379"] }}
+timeout = "1s"
+[keys]
+max_live = 3
+[session]
+verify_url = "https://api.example.com/check?slug=acme-2"
+cookie = "sid"
+[log]
+format = "text"
+level = "warn"
+access = false
+[runtime]
+worker_threads = 2
+"#
+        );
+        // the quoted extra host is invalid: make sure that is what fails, then drop it
+        assert_eq!(keys(&everything), vec!["tenant.extra_hosts[2]"]);
+        let everything = everything.replace(", \"weird\\\"quote.example\"", "");
+        assert_round_trip(&everything, &no_env, &[]);
+    }
+
+    #[test]
+    fn example_file_is_valid_and_round_trips() {
+        let env = |name: &str| test_env(name);
+        let c = Config::from_toml_str(EXAMPLE, &env).unwrap_or_else(|e| panic!("{e}"));
+        // the example documents the contract's defaults
+        let minimal = ok(MINIMAL).to_redacted_toml();
+        assert_eq!(c.to_redacted_toml(), minimal);
+        assert_round_trip(EXAMPLE, &env, &[]);
+
+        // with its optional keys switched on (except TLS, which needs files)
+        let on = EXAMPLE
+            .replace("# authorization = ", "authorization = ")
+            .replace("# ca_file = \"/etc/keygate/upstream-ca.pem\"", "")
+            .replace("# [session]", "[session]")
+            .replace("# verify_url = ", "verify_url = ")
+            .replace("# cookie = ", "cookie = ")
+            .replace("# timeout = ", "timeout = ")
+            .replace("# cache_ttl = ", "cache_ttl = ")
+            .replace("# negative_ttl = ", "negative_ttl = ");
+        let c = Config::from_toml_str(&on, &env).unwrap_or_else(|e| panic!("{e}\n{on}"));
+        assert_eq!(c.upstream.authorization.unwrap().expose(), SECRET);
+        let s = c.session.expect("session");
+        assert_eq!(s.cookie, "wos-session");
+        assert_eq!(s.timeout, Duration::from_secs(2));
+        assert_eq!(s.cache_ttl, Duration::from_secs(30));
+        assert_eq!(s.negative_ttl, Duration::from_secs(5));
+        // and the scale-out alternatives
+        let cluster = EXAMPLE
+            .replace("url = \"redis://127.0.0.1:6379/0\"", "")
+            .replace("# cluster = ", "cluster = ");
+        assert!(Config::from_toml_str(&cluster, &env).is_ok());
+        let sentinel = EXAMPLE
+            .replace("url = \"redis://127.0.0.1:6379/0\"", "")
+            .replace("# sentinel = ", "sentinel = ");
+        assert!(Config::from_toml_str(&sentinel, &env).is_ok());
+    }
+
+    #[test]
+    fn example_file_documents_every_key() {
+        // every key the renderer prints (i.e. every key keygate knows) appears
+        // in the example, set or commented out
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f.pem");
+        std::fs::write(&f, "x").unwrap();
+        let fp = toml_string(&f.display().to_string());
+        let full = with(&format!(
+            "[listen.tls]\ncert = {fp}\nkey = {fp}\n[session]\nverify_url = \"https://x/c\"\ncookie = \"c\""
+        ))
+        .replace("[upstream]\n", &format!("[upstream]\nauthorization = \"t\"\nca_file = {fp}\n"));
+        let rendered = ok(&full).to_redacted_toml();
+        for line in rendered.lines() {
+            let Some((key, _)) = line.split_once(" = ") else {
+                continue;
+            };
+            let documented = EXAMPLE.lines().any(|l| {
+                let l = l.trim_start_matches('#').trim_start();
+                l.starts_with(&format!("{key} ")) || l.starts_with(&format!("{key}="))
+            });
+            assert!(documented, "{key} is not documented in the example");
+        }
+        for section in ["[listen.tls]", "[session]", "[runtime]"] {
+            assert!(EXAMPLE.contains(section), "{section}");
+        }
+    }
+}
