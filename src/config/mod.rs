@@ -14,15 +14,17 @@
 //! [`Config::to_redacted_toml`].
 //!
 //! Layout: this file holds the typed structs (the interface the rest of the
-//! crate uses); [`table`] walks the TOML tables and gathers problems,
-//! [`checks`] validates single values, [`values`] holds value syntaxes
-//! (durations), [`parse`] maps each section onto its struct and [`render`]
-//! prints the redacted effective configuration.
+//! crate uses); `table` walks the TOML tables and gathers problems,
+//! `checks` validates single values, `values` holds value syntaxes
+//! (durations), `defaults` writes every default once (`impl Default` per
+//! section), `parse` maps each section onto its struct and `render` prints
+//! the redacted effective configuration.
 //!
 //! OWNER: config helper. The typed structs below are the interface the rest of
 //! the crate uses; fields may be added, not renamed.
 
 mod checks;
+mod defaults;
 mod parse;
 mod render;
 mod table;
@@ -299,63 +301,6 @@ impl Config {
     /// (`redis://user:[redacted]@host:6379/0`, `redis://[redacted]@host`).
     pub fn to_redacted_toml(&self) -> String {
         render_redacted(self)
-    }
-
-    /// A configuration for tests and the demo: memory store, tenant `slug`,
-    /// every other value at its default; addresses are 127.0.0.1:0.
-    pub fn for_tests(slug: &str, upstream: http::Uri) -> Config {
-        Config {
-            listen: ListenConfig {
-                addr: "127.0.0.1:0".parse().unwrap(),
-                trusted_proxies: vec![],
-                header_timeout: Duration::from_secs(10),
-                idle_timeout: Duration::from_secs(60),
-                max_connections: 10_000,
-                shutdown_grace: Duration::from_secs(30),
-                tls: None,
-            },
-            admin: AdminConfig {
-                addr: "127.0.0.1:0".parse().unwrap(),
-            },
-            upstream: UpstreamConfig {
-                url: upstream,
-                connect_timeout: Duration::from_secs(2),
-                timeout: Duration::from_secs(60),
-                authorization: None,
-                ca_file: None,
-            },
-            tenant: TenantConfig {
-                slug: slug.to_string(),
-                domain: "moleculesai.app".into(),
-                extra_hosts: vec![],
-            },
-            auth: AuthConfig {
-                key_prefix: "mok_".into(),
-                principal_header: HeaderName::from_static("x-molecule-principal"),
-                other_bearer: ForwardPolicy::Forward,
-                anonymous: ForwardPolicy::Forward,
-                on_store_unavailable: OutagePolicy::Reject,
-                max_stale: Duration::from_secs(30),
-                cache_ttl: Duration::from_secs(60),
-                cache_capacity: 100_000,
-                negative_ttl: Duration::from_secs(5),
-            },
-            policy: PolicyConfig {
-                deny_prefixes: vec!["/cp/admin".into()],
-            },
-            store: StoreConfig {
-                backend: StoreBackend::Memory,
-                timeout: Duration::from_millis(250),
-            },
-            keys: KeysConfig { max_live: 100 },
-            session: None,
-            log: LogConfig {
-                format: LogFormat::Json,
-                level: "info".into(),
-                access: true,
-            },
-            runtime: RuntimeConfig { worker_threads: 0 },
-        }
     }
 }
 

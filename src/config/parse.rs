@@ -1,14 +1,31 @@
 //! The schema walk: each section of the document into its typed struct.
-
-use std::time::Duration;
-
-use http::HeaderName;
+//!
+//! Every section starts from its defaults (`defaults.rs`) and overwrites
+//! what the document gives; a bad value is a problem under its key and
+//! leaves the default in place, so the walk always goes on to the end.
 
 use super::checks::*;
 use super::table::{quote, resolve_secret, Problems, Section};
 use super::*;
 
 pub(super) const PLACEHOLDER_URI: &str = "http://invalid.invalid/";
+
+const FORWARD_POLICIES: [(&str, ForwardPolicy); 2] = [
+    ("forward", ForwardPolicy::Forward),
+    ("reject", ForwardPolicy::Reject),
+];
+const OUTAGE_POLICIES: [(&str, OutagePolicy); 2] = [
+    ("reject", OutagePolicy::Reject),
+    ("serve_cached", OutagePolicy::ServeCached),
+];
+const LOG_FORMATS: [(&str, LogFormat); 2] = [("json", LogFormat::Json), ("text", LogFormat::Text)];
+const LOG_LEVELS: [(&str, &str); 5] = [
+    ("trace", "trace"),
+    ("debug", "debug"),
+    ("info", "info"),
+    ("warn", "warn"),
+    ("error", "error"),
+];
 
 pub(super) fn parse_config(
     table: toml::Table,
@@ -49,41 +66,28 @@ pub(super) fn parse_config(
     }
 }
 
-pub(super) fn parse_listen(mut s: Section, p: &mut Problems) -> ListenConfig {
-    let addr = s.socket_addr("addr", "0.0.0.0:8443", p);
-    let trusted_proxies = s
-        .strings("trusted_proxies", p)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|(key, v)| match parse_trusted_proxy(&v) {
-            Some(net) => Some(net),
-            None => {
-                p.push(key, format!("{} is not a CIDR or IP address", quote(&v)));
-                None
-            }
+fn parse_listen(mut s: Section, p: &mut Problems) -> ListenConfig {
+    let mut c = ListenConfig::default();
+    c.addr = s.socket_addr("addr", c.addr, p);
+    c.trusted_proxies = s
+        .checked_list("trusted_proxies", p, |v| {
+            parse_trusted_proxy(v)
+                .ok_or_else(|| format!("{} is not a CIDR or IP address", quote(v)))
         })
-        .collect();
-    let header_timeout = s.duration("header_timeout", Duration::from_secs(10), false, p);
-    let idle_timeout = s.duration("idle_timeout", Duration::from_secs(60), false, p);
-    let max_connections = s.int_range("max_connections", 10_000, 1, i64::MAX, p);
-    let shutdown_grace = s.duration("shutdown_grace", Duration::from_secs(30), true, p);
-    let tls = match s.sub("tls", p) {
+        .unwrap_or(c.trusted_proxies);
+    c.header_timeout = s.duration("header_timeout", c.header_timeout, false, p);
+    c.idle_timeout = s.duration("idle_timeout", c.idle_timeout, false, p);
+    c.max_connections = s.count("max_connections", c.max_connections, 1, usize::MAX, p);
+    c.shutdown_grace = s.duration("shutdown_grace", c.shutdown_grace, true, p);
+    c.tls = match s.sub("tls", p) {
         Ok(Some(t)) => parse_tls(t, p),
         _ => None,
     };
     s.finish(p);
-    ListenConfig {
-        addr,
-        trusted_proxies,
-        header_timeout,
-        idle_timeout,
-        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
-        shutdown_grace,
-        tls,
-    }
+    c
 }
 
-pub(super) fn parse_tls(mut s: Section, p: &mut Problems) -> Option<TlsConfig> {
+fn parse_tls(mut s: Section, p: &mut Problems) -> Option<TlsConfig> {
     let required = |s: &Section, k: &str, p: &mut Problems| {
         if !s.has(k) {
             p.push(s.key(k), "required when [listen.tls] is present");
@@ -93,22 +97,21 @@ pub(super) fn parse_tls(mut s: Section, p: &mut Problems) -> Option<TlsConfig> {
     required(&s, "key", p);
     let cert = s.readable_file("cert", p);
     let key = s.readable_file("key", p);
-    let handshake_timeout = s.duration("handshake_timeout", Duration::from_secs(10), false, p);
+    let complete = cert.is_some() && key.is_some();
+    let mut c = TlsConfig::new(cert.unwrap_or_default(), key.unwrap_or_default());
+    c.handshake_timeout = s.duration("handshake_timeout", c.handshake_timeout, false, p);
     s.finish(p);
-    Some(TlsConfig {
-        cert: cert?,
-        key: key?,
-        handshake_timeout,
-    })
+    complete.then_some(c)
 }
 
-pub(super) fn parse_admin(mut s: Section, p: &mut Problems) -> AdminConfig {
-    let addr = s.socket_addr("addr", "127.0.0.1:9090", p);
+fn parse_admin(mut s: Section, p: &mut Problems) -> AdminConfig {
+    let mut c = AdminConfig::default();
+    c.addr = s.socket_addr("addr", c.addr, p);
     s.finish(p);
-    AdminConfig { addr }
+    c
 }
 
-pub(super) fn parse_upstream(
+fn parse_upstream(
     section: Result<Option<Section>, ()>,
     env: &dyn Fn(&str) -> Option<String>,
     p: &mut Problems,
@@ -118,28 +121,18 @@ pub(super) fn parse_upstream(
         Ok(None) => (Section::new("upstream", toml::Table::new()), true),
         Err(()) => (Section::new("upstream", toml::Table::new()), false),
     };
-    let url_key = s.key("url");
-    let url = match s.string("url", p) {
-        None => {
-            if report_missing && !p.has(&url_key) {
-                p.push(
-                    url_key,
-                    "required (the tenant app, e.g. \"http://127.0.0.1:8080\")",
-                );
-            }
-            None
-        }
-        Some(v) => match check_http_url(&v, true) {
-            Ok(u) => Some(u),
-            Err(m) => {
-                p.push(url_key, m);
-                None
-            }
-        },
-    };
-    let connect_timeout = s.duration("connect_timeout", Duration::from_secs(2), false, p);
-    let timeout = s.duration("timeout", Duration::from_secs(60), false, p);
-    let authorization = s.secret("authorization", env, p).and_then(|secret| {
+    if report_missing {
+        s.require(
+            "url",
+            "required (the tenant app, e.g. \"http://127.0.0.1:8080\")",
+            p,
+        );
+    }
+    let url = s.checked("url", p, |v| check_http_url(v, true));
+    let mut c = UpstreamConfig::new(url.unwrap_or(http::Uri::from_static(PLACEHOLDER_URI)));
+    c.connect_timeout = s.duration("connect_timeout", c.connect_timeout, false, p);
+    c.timeout = s.duration("timeout", c.timeout, false, p);
+    c.authorization = s.secret("authorization", env, p).and_then(|secret| {
         let ok = !secret.expose().starts_with(char::is_whitespace)
             && !secret.expose().ends_with(char::is_whitespace)
             && http::HeaderValue::from_str(&format!("Bearer {}", secret.expose())).is_ok();
@@ -153,148 +146,67 @@ pub(super) fn parse_upstream(
             None
         }
     });
-    let ca_file = s.readable_file("ca_file", p);
+    c.ca_file = s.readable_file("ca_file", p);
     s.finish(p);
-    UpstreamConfig {
-        url: url.unwrap_or(http::Uri::from_static(PLACEHOLDER_URI)),
-        connect_timeout,
-        timeout,
-        authorization,
-        ca_file,
-    }
+    c
 }
 
-pub(super) fn parse_tenant(section: Result<Option<Section>, ()>, p: &mut Problems) -> TenantConfig {
+fn parse_tenant(section: Result<Option<Section>, ()>, p: &mut Problems) -> TenantConfig {
     let mut s = match section {
         Ok(Some(s)) => s,
         Ok(None) => Section::new("tenant", toml::Table::new()),
-        Err(()) => {
-            // wrong type already reported; do not also report the slug missing
-            return TenantConfig {
-                slug: String::new(),
-                domain: "moleculesai.app".into(),
-                extra_hosts: vec![],
-            };
-        }
+        // wrong type already reported; do not also report the slug missing
+        Err(()) => return TenantConfig::new(""),
     };
-    let slug = match s.string("slug", p) {
-        None => {
-            if !p.has("tenant.slug") {
-                p.push("tenant.slug", "required (the tenant's name, e.g. \"acme\")");
-            }
-            String::new()
-        }
-        Some(v) => match check_slug(&v) {
-            Ok(()) => v,
-            Err(m) => {
-                p.push("tenant.slug", m);
-                String::new()
-            }
-        },
-    };
-    let domain = match s.string("domain", p) {
-        None => "moleculesai.app".to_string(),
-        Some(v) => match check_host(&v, false) {
-            Ok(d) => d,
-            Err(m) => {
-                p.push("tenant.domain", m);
-                "moleculesai.app".to_string()
-            }
-        },
-    };
-    let extra_hosts = s
-        .strings("extra_hosts", p)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|(key, v)| match check_host(&v, true) {
-            Ok(h) => Some(h),
-            Err(m) => {
-                p.push(key, m);
-                None
-            }
+    s.require("slug", "required (the tenant's name, e.g. \"acme\")", p);
+    let slug = s.checked("slug", p, |v| check_slug(v).map(|()| v.to_string()));
+    let mut c = TenantConfig::new(slug.unwrap_or_default());
+    c.domain = s
+        .checked("domain", p, |v| check_host(v, false))
+        .unwrap_or(c.domain);
+    c.extra_hosts = s
+        .checked_list("extra_hosts", p, |v| check_host(v, true))
+        .unwrap_or(c.extra_hosts);
+    s.finish(p);
+    c
+}
+
+fn parse_auth(mut s: Section, p: &mut Problems) -> AuthConfig {
+    let mut c = AuthConfig::default();
+    c.key_prefix = s
+        .checked("key_prefix", p, |v| {
+            check_key_prefix(v).map(|()| v.to_string())
         })
-        .collect();
+        .unwrap_or(c.key_prefix);
+    c.principal_header = s
+        .checked("principal_header", p, check_principal_header)
+        .unwrap_or(c.principal_header);
+    c.other_bearer = s.choice("other_bearer", &FORWARD_POLICIES, c.other_bearer, p);
+    c.anonymous = s.choice("anonymous", &FORWARD_POLICIES, c.anonymous, p);
+    c.on_store_unavailable = s.choice(
+        "on_store_unavailable",
+        &OUTAGE_POLICIES,
+        c.on_store_unavailable,
+        p,
+    );
+    c.max_stale = s.duration("max_stale", c.max_stale, true, p);
+    c.cache_ttl = s.duration("cache_ttl", c.cache_ttl, true, p);
+    c.cache_capacity = s.count("cache_capacity", c.cache_capacity, 1, usize::MAX, p);
+    c.negative_ttl = s.duration("negative_ttl", c.negative_ttl, true, p);
     s.finish(p);
-    TenantConfig {
-        slug,
-        domain,
-        extra_hosts,
-    }
+    c
 }
 
-pub(super) fn parse_forward_policy(s: &mut Section, k: &str, p: &mut Problems) -> ForwardPolicy {
-    match s.choice(k, &["forward", "reject"], 0, p) {
-        1 => ForwardPolicy::Reject,
-        _ => ForwardPolicy::Forward,
-    }
-}
-
-pub(super) fn parse_auth(mut s: Section, p: &mut Problems) -> AuthConfig {
-    let key_prefix = match s.string("key_prefix", p) {
-        None => "mok_".to_string(),
-        Some(v) => match check_key_prefix(&v) {
-            Ok(()) => v,
-            Err(m) => {
-                p.push(s.key("key_prefix"), m);
-                "mok_".to_string()
-            }
-        },
-    };
-    let default_header = HeaderName::from_static("x-molecule-principal");
-    let principal_header = match s.string("principal_header", p) {
-        None => default_header,
-        Some(v) => match check_principal_header(&v) {
-            Ok(h) => h,
-            Err(m) => {
-                p.push(s.key("principal_header"), m);
-                default_header
-            }
-        },
-    };
-    let other_bearer = parse_forward_policy(&mut s, "other_bearer", p);
-    let anonymous = parse_forward_policy(&mut s, "anonymous", p);
-    let on_store_unavailable =
-        match s.choice("on_store_unavailable", &["reject", "serve_cached"], 0, p) {
-            1 => OutagePolicy::ServeCached,
-            _ => OutagePolicy::Reject,
-        };
-    let max_stale = s.duration("max_stale", Duration::from_secs(30), true, p);
-    let cache_ttl = s.duration("cache_ttl", Duration::from_secs(60), true, p);
-    let cache_capacity = s.int_range("cache_capacity", 100_000, 1, i64::MAX, p);
-    let negative_ttl = s.duration("negative_ttl", Duration::from_secs(5), true, p);
+fn parse_policy(mut s: Section, p: &mut Problems) -> PolicyConfig {
+    let mut c = PolicyConfig::default();
+    c.deny_prefixes = s
+        .checked_list("deny_prefixes", p, check_deny_prefix)
+        .unwrap_or(c.deny_prefixes);
     s.finish(p);
-    AuthConfig {
-        key_prefix,
-        principal_header,
-        other_bearer,
-        anonymous,
-        on_store_unavailable,
-        max_stale,
-        cache_ttl,
-        cache_capacity: usize::try_from(cache_capacity).unwrap_or(usize::MAX),
-        negative_ttl,
-    }
+    c
 }
 
-pub(super) fn parse_policy(mut s: Section, p: &mut Problems) -> PolicyConfig {
-    let deny_prefixes = match s.strings("deny_prefixes", p) {
-        None => vec!["/cp/admin".to_string()],
-        Some(items) => items
-            .into_iter()
-            .filter_map(|(key, v)| match check_deny_prefix(&v) {
-                Ok(d) => Some(d),
-                Err(m) => {
-                    p.push(key, m);
-                    None
-                }
-            })
-            .collect(),
-    };
-    s.finish(p);
-    PolicyConfig { deny_prefixes }
-}
-
-pub(super) fn redis_secret(
+fn redis_secret(
     key: String,
     value: String,
     env: &dyn Fn(&str) -> Option<String>,
@@ -310,7 +222,7 @@ pub(super) fn redis_secret(
     }
 }
 
-pub(super) fn redis_secrets(
+fn redis_secrets(
     key: &str,
     items: Vec<(String, String)>,
     env: &dyn Fn(&str) -> Option<String>,
@@ -328,12 +240,13 @@ pub(super) fn redis_secrets(
     (nodes.len() == n).then_some(nodes)
 }
 
-pub(super) fn parse_store(
+fn parse_store(
     mut s: Section,
     env: &dyn Fn(&str) -> Option<String>,
     p: &mut Problems,
 ) -> StoreConfig {
-    let memory = s.choice("backend", &["redis", "memory"], 0, p) == 1;
+    let mut c = StoreConfig::default();
+    let memory = s.choice("backend", &[("redis", false), ("memory", true)], false, p);
     let targets: Vec<&str> = ["url", "cluster", "sentinel"]
         .into_iter()
         .filter(|k| s.has(k))
@@ -392,101 +305,68 @@ pub(super) fn parse_store(
         }
         _ => None,
     };
-    let timeout = s.duration("timeout", Duration::from_millis(250), false, p);
+    c.timeout = s.duration("timeout", c.timeout, false, p);
     s.finish(p);
-    let backend = if memory {
-        StoreBackend::Memory
+    if memory {
+        c.backend = StoreBackend::Memory;
     } else if let Some(u) = url {
-        StoreBackend::Redis(RedisTarget::Url(u))
-    } else if let Some(c) = cluster {
-        StoreBackend::Redis(RedisTarget::Cluster(c))
+        c.backend = StoreBackend::Redis(RedisTarget::Url(u));
+    } else if let Some(nodes) = cluster {
+        c.backend = StoreBackend::Redis(RedisTarget::Cluster(nodes));
     } else if let Some((master, nodes)) = sentinel {
-        StoreBackend::Redis(RedisTarget::Sentinel { master, nodes })
-    } else if targets.is_empty() {
-        // The contract's default: a Redis on the same host.
-        StoreBackend::Redis(RedisTarget::Url(Secret::new(DEFAULT_REDIS_URL)))
-    } else {
+        c.backend = StoreBackend::Redis(RedisTarget::Sentinel { master, nodes });
+    } else if !targets.is_empty() {
         // Only reached with a problem recorded above.
-        StoreBackend::Memory
-    };
-    StoreConfig { backend, timeout }
-}
-
-pub(super) fn parse_keys(mut s: Section, p: &mut Problems) -> KeysConfig {
-    let max_live = s.int_range("max_live", 100, 1, i64::from(u32::MAX), p);
-    s.finish(p);
-    KeysConfig {
-        max_live: u32::try_from(max_live).unwrap_or(100),
+        c.backend = StoreBackend::Memory;
     }
+    // else: no target given, the default (a Redis on the same host) stays.
+    c
 }
 
-pub(super) fn parse_session(mut s: Section, p: &mut Problems) -> Option<SessionConfig> {
-    let verify_url = match s.string("verify_url", p) {
-        Some(v) => match check_http_url(&v, false) {
-            Ok(u) => Some(u),
-            Err(m) => {
-                p.push(s.key("verify_url"), m);
-                None
-            }
-        },
-        None => {
-            if !p.has("session.verify_url") {
-                p.push("session.verify_url", "required when [session] is present");
-            }
-            None
-        }
-    };
-    let cookie = match s.string("cookie", p) {
-        Some(v) => match check_cookie_name(&v) {
-            Ok(()) => Some(v),
-            Err(m) => {
-                p.push(s.key("cookie"), m);
-                None
-            }
-        },
-        None => {
-            if !p.has("session.cookie") {
-                p.push("session.cookie", "required when [session] is present");
-            }
-            None
-        }
-    };
-    let timeout = s.duration("timeout", Duration::from_secs(2), false, p);
-    let cache_ttl = s.duration("cache_ttl", Duration::from_secs(30), true, p);
-    let negative_ttl = s.duration("negative_ttl", Duration::from_secs(5), true, p);
+fn parse_keys(mut s: Section, p: &mut Problems) -> KeysConfig {
+    let mut c = KeysConfig::default();
+    let max_live = s.int_range("max_live", i64::from(c.max_live), 1, i64::from(u32::MAX), p);
+    c.max_live = u32::try_from(max_live).unwrap_or(c.max_live);
     s.finish(p);
-    Some(SessionConfig {
-        verify_url: verify_url?,
-        cookie: cookie?,
-        timeout,
-        cache_ttl,
-        negative_ttl,
-    })
+    c
 }
 
-pub(super) const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
-
-pub(super) fn parse_log(mut s: Section, p: &mut Problems) -> LogConfig {
-    let format = match s.choice("format", &["json", "text"], 0, p) {
-        1 => LogFormat::Text,
-        _ => LogFormat::Json,
-    };
-    let level = LOG_LEVELS[s.choice("level", &LOG_LEVELS, 2, p)].to_string();
-    let access = s.boolean("access", p).unwrap_or(true);
+fn parse_session(mut s: Section, p: &mut Problems) -> Option<SessionConfig> {
+    const REQUIRED: &str = "required when [session] is present";
+    s.require("verify_url", REQUIRED, p);
+    let verify_url = s.checked("verify_url", p, |v| check_http_url(v, false));
+    s.require("cookie", REQUIRED, p);
+    let cookie = s.checked("cookie", p, |v| {
+        check_cookie_name(v).map(|()| v.to_string())
+    });
+    let complete = verify_url.is_some() && cookie.is_some();
+    let mut c = SessionConfig::new(
+        verify_url.unwrap_or(http::Uri::from_static(PLACEHOLDER_URI)),
+        cookie.unwrap_or_default(),
+    );
+    c.timeout = s.duration("timeout", c.timeout, false, p);
+    c.cache_ttl = s.duration("cache_ttl", c.cache_ttl, true, p);
+    c.negative_ttl = s.duration("negative_ttl", c.negative_ttl, true, p);
     s.finish(p);
-    LogConfig {
-        format,
-        level,
-        access,
-    }
+    complete.then_some(c)
 }
 
-pub(super) fn parse_runtime(mut s: Section, p: &mut Problems) -> RuntimeConfig {
-    let worker_threads = s.int_range("worker_threads", 0, 0, 1024, p);
+fn parse_log(mut s: Section, p: &mut Problems) -> LogConfig {
+    let mut c = LogConfig::default();
+    c.format = s.choice("format", &LOG_FORMATS, c.format, p);
+    c.level = s
+        .choice("level", &LOG_LEVELS, c.level.as_str(), p)
+        .to_string();
+    c.access = s.boolean("access", p).unwrap_or(c.access);
     s.finish(p);
-    RuntimeConfig {
-        worker_threads: usize::try_from(worker_threads).unwrap_or(0),
-    }
+    c
+}
+
+fn parse_runtime(mut s: Section, p: &mut Problems) -> RuntimeConfig {
+    let mut c = RuntimeConfig::default();
+    c.worker_threads = s.count("worker_threads", c.worker_threads, 0, 1024, p);
+    s.finish(p);
+    c
 }
 
 #[cfg(test)]
@@ -542,10 +422,10 @@ mod tests {
     }
 
     #[test]
-    fn defaults_match_for_tests() {
-        // for_tests documents itself as "every other value at its default".
+    fn defaults_match_config_new() {
+        // Config::new documents itself as "every other value at its real default".
         let parsed = ok(MINIMAL);
-        let t = Config::for_tests("acme", "http://127.0.0.1:8080".parse().unwrap());
+        let t = Config::new("acme", "http://127.0.0.1:8080".parse().unwrap());
         let strip = |s: String| {
             s.lines()
                 .filter(|l| !l.starts_with("addr =") && !l.starts_with("url ="))

@@ -155,6 +155,55 @@ impl Section {
         }
     }
 
+    /// Record `message` under `k` when the key is absent.
+    pub(super) fn require(&mut self, k: &str, message: &str, p: &mut Problems) {
+        if !self.has(k) {
+            p.push(self.key(k), message);
+        }
+    }
+
+    /// A string run through `check`; `None` when absent, of the wrong type or
+    /// refused by `check` (each reported under the key).
+    pub(super) fn checked<T>(
+        &mut self,
+        k: &str,
+        p: &mut Problems,
+        check: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let v = self.string(k, p)?;
+        match check(&v) {
+            Ok(t) => Some(t),
+            Err(m) => {
+                p.push(self.key(k), m);
+                None
+            }
+        }
+    }
+
+    /// An array of strings, each run through `check` and reported under its
+    /// element key (`key[i]`); refused elements are skipped. `None` when
+    /// absent or not an array.
+    pub(super) fn checked_list<T>(
+        &mut self,
+        k: &str,
+        p: &mut Problems,
+        mut check: impl FnMut(&str) -> Result<T, String>,
+    ) -> Option<Vec<T>> {
+        let items = self.strings(k, p)?;
+        Some(
+            items
+                .into_iter()
+                .filter_map(|(key, v)| match check(&v) {
+                    Ok(t) => Some(t),
+                    Err(m) => {
+                        p.push(key, m);
+                        None
+                    }
+                })
+                .collect(),
+        )
+    }
+
     /// Report every key not consumed as unknown (nested tables included).
     pub(super) fn finish(self, p: &mut Problems) {
         for k in self.table.keys() {
@@ -198,12 +247,14 @@ impl Section {
         }
     }
 
-    pub(super) fn socket_addr(&mut self, k: &str, default: &str, p: &mut Problems) -> SocketAddr {
-        let fallback = default
-            .parse()
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+    pub(super) fn socket_addr(
+        &mut self,
+        k: &str,
+        default: SocketAddr,
+        p: &mut Problems,
+    ) -> SocketAddr {
         match self.string(k, p) {
-            None => fallback,
+            None => default,
             Some(s) => match s.parse() {
                 Ok(a) => a,
                 Err(_) => {
@@ -214,7 +265,7 @@ impl Section {
                             quote(&s)
                         ),
                     );
-                    fallback
+                    default
                 }
             },
         }
@@ -243,20 +294,35 @@ impl Section {
         }
     }
 
-    /// A string that must be one of `choices`; returns the index of the match.
-    pub(super) fn choice(
+    /// An integer in `min..=max` read into a `usize` (a count or a capacity).
+    pub(super) fn count(
         &mut self,
         k: &str,
-        choices: &[&str],
         default: usize,
+        min: usize,
+        max: usize,
         p: &mut Problems,
     ) -> usize {
+        let wide = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        let v = self.int_range(k, wide(default), wide(min), wide(max), p);
+        usize::try_from(v).unwrap_or(default)
+    }
+
+    /// A string that must name one of `choices`; returns the value it names.
+    pub(super) fn choice<T: Copy>(
+        &mut self,
+        k: &str,
+        choices: &[(&str, T)],
+        default: T,
+        p: &mut Problems,
+    ) -> T {
         match self.string(k, p) {
             None => default,
-            Some(s) => match choices.iter().position(|c| *c == s) {
-                Some(i) => i,
+            Some(s) => match choices.iter().find(|(name, _)| *name == s) {
+                Some((_, v)) => *v,
                 None => {
-                    let list: Vec<String> = choices.iter().map(|c| format!("\"{c}\"")).collect();
+                    let list: Vec<String> =
+                        choices.iter().map(|(c, _)| format!("\"{c}\"")).collect();
                     p.push(
                         self.key(k),
                         format!("{} is not one of {}", quote(&s), list.join(", ")),
