@@ -39,6 +39,8 @@ use std::time::Duration;
 use http::HeaderName;
 use ipnet::IpNet;
 
+pub use values::parse_duration;
+
 use parse::parse_config;
 use render::render_redacted;
 use table::{syntax_message, Problems};

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::values::parse_duration;
+use super::values::{format_duration, parse_duration};
 use super::{ConfigProblem, Secret};
 
 // ---------------------------------------------------------------------------
@@ -213,6 +213,7 @@ impl Section {
 
     // --- typed helpers with defaults -------------------------------------
 
+    /// A duration (`"5s"`); zero refused unless `zero_ok`.
     pub(super) fn duration(
         &mut self,
         k: &str,
@@ -220,23 +221,46 @@ impl Section {
         zero_ok: bool,
         p: &mut Problems,
     ) -> Duration {
+        let min = if zero_ok {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(1)
+        };
+        self.duration_between(k, default, min, Duration::MAX, p)
+    }
+
+    /// A duration in `min..=max` (`min` of 1ms reads "greater than zero").
+    pub(super) fn duration_between(
+        &mut self,
+        k: &str,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+        p: &mut Problems,
+    ) -> Duration {
         let key = self.key(k);
         match self.take(k) {
             None => default,
             Some(toml::Value::String(s)) => match parse_duration(&s) {
-                Some(d) if d.is_zero() && !zero_ok => {
-                    p.push(key, "must be greater than zero");
+                Ok(d) if d < min => {
+                    let msg = if min == Duration::from_millis(1) {
+                        "must be greater than zero".to_string()
+                    } else {
+                        format!("must be at least {}", quote(&format_duration(min)))
+                    };
+                    p.push(key, msg);
                     default
                 }
-                Some(d) => d,
-                None => {
+                Ok(d) if d > max => {
                     p.push(
                         key,
-                        format!(
-                            "{} is not a duration (expected e.g. \"250ms\", \"5s\", \"1m\", \"1h\")",
-                            quote(&s)
-                        ),
+                        format!("must be at most {}", quote(&format_duration(max))),
                     );
+                    default
+                }
+                Ok(d) => d,
+                Err(m) => {
+                    p.push(key, m);
                     default
                 }
             },
