@@ -39,7 +39,7 @@ use std::time::Duration;
 use http::HeaderName;
 use ipnet::IpNet;
 
-pub use values::parse_duration;
+pub use values::{parse_duration, RateLimit, RateUnit};
 
 use parse::parse_config;
 use render::render_redacted;

@@ -1,5 +1,7 @@
-//! Value syntaxes shared by the config and the CLI: durations.
+//! Value syntaxes shared by the config, the key API and the CLI: durations
+//! and rate limits.
 
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 const MINUTE: u128 = 60;
@@ -63,6 +65,111 @@ pub(super) fn format_duration(d: Duration) -> String {
         format!("{}m", secs / MINUTE)
     } else {
         format!("{secs}s")
+    }
+}
+
+/// The unit of a [`RateLimit`]: its window, aligned to UTC seconds, minutes
+/// or hours (contract §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateUnit {
+    Second,
+    Minute,
+    Hour,
+}
+
+impl RateUnit {
+    /// The window's length in seconds (1, 60, 3600).
+    pub fn seconds(self) -> u64 {
+        match self {
+            RateUnit::Second => 1,
+            RateUnit::Minute => 60,
+            RateUnit::Hour => 3_600,
+        }
+    }
+
+    /// The unit as written after the `/`: `s`, `min`, `h`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateUnit::Second => "s",
+            RateUnit::Minute => "min",
+            RateUnit::Hour => "h",
+        }
+    }
+}
+
+/// A per-key rate limit (contract §11): at most `limit` requests per window
+/// of one `per`. Written `"N/s"`, `"N/min"` or `"N/h"`; [`RateLimit::parse`]
+/// and `Display` (and serde, as that string) use exactly that form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    pub limit: NonZeroU32,
+    pub per: RateUnit,
+}
+
+impl RateLimit {
+    /// `"N/s"`, `"N/min"` or `"N/h"`: N is 1 to 4294967295 in decimal digits
+    /// only (no sign, space or leading zero, so that parsing and `Display`
+    /// agree on one spelling per value).
+    pub fn parse(s: &str) -> Result<RateLimit, String> {
+        // The value may come from a request body: echo only a short one.
+        let shown = if s.len() <= 32 {
+            super::table::quote(s)
+        } else {
+            "the value".to_string()
+        };
+        let bad = || {
+            format!(
+                "{shown} is not a rate limit (expected N/s, N/min or N/h with N a whole number \
+                 of at least 1, e.g. \"600/min\")"
+            )
+        };
+        let (num, unit) = s.split_once('/').ok_or_else(bad)?;
+        let per = match unit {
+            "s" => RateUnit::Second,
+            "min" => RateUnit::Minute,
+            "h" => RateUnit::Hour,
+            _ => return Err(bad()),
+        };
+        if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        if num.bytes().all(|b| b == b'0') {
+            return Err(format!("{shown}: N must be at least 1"));
+        }
+        if num.starts_with('0') {
+            return Err(bad());
+        }
+        let n: u32 = num
+            .parse()
+            .map_err(|_| format!("{shown}: N must be at most {}", u32::MAX))?;
+        let limit = NonZeroU32::new(n).ok_or_else(bad)?;
+        Ok(RateLimit { limit, per })
+    }
+}
+
+impl std::fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.limit, self.per.as_str())
+    }
+}
+
+impl std::str::FromStr for RateLimit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RateLimit::parse(s)
+    }
+}
+
+impl serde::Serialize for RateLimit {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RateLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        RateLimit::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -195,6 +302,81 @@ mod tests {
         assert_eq!(
             crate::config::parse_duration("2w"),
             Ok(Duration::from_secs(14 * 86_400))
+        );
+    }
+
+    #[test]
+    fn rate_limits_parse_only_the_canonical_form() {
+        let good: &[(&str, u32, RateUnit)] = &[
+            ("1/s", 1, RateUnit::Second),
+            ("600/min", 600, RateUnit::Minute),
+            ("10/h", 10, RateUnit::Hour),
+            ("4294967295/s", u32::MAX, RateUnit::Second),
+        ];
+        for (s, n, per) in good {
+            let r = RateLimit::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            assert_eq!((r.limit.get(), r.per), (*n, *per), "{s}");
+            assert_eq!(r.to_string(), *s, "Display round trip");
+            assert_eq!(RateLimit::parse(&r.to_string()), Ok(r));
+            assert_eq!(s.parse::<RateLimit>(), Ok(r));
+        }
+        for bad in [
+            "0/s",
+            "00/min",
+            "5/sec",
+            "5/m",
+            "5/S",
+            "5/Min",
+            "5/hour",
+            "-1/min",
+            "+5/s",
+            "5 /s",
+            "5/ s",
+            " 5/s",
+            "5/s ",
+            "5",
+            "/s",
+            "5/",
+            "5//s",
+            "5/s/s",
+            "1.5/s",
+            "05/s",
+            "1e3/s",
+            "٣/s",
+            "4294967296/s",
+            "99999999999999999999999/h",
+            "",
+        ] {
+            assert!(RateLimit::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(
+            RateLimit::parse("0/s").unwrap_err(),
+            "\"0/s\": N must be at least 1"
+        );
+        assert_eq!(
+            RateLimit::parse("4294967296/s").unwrap_err(),
+            "\"4294967296/s\": N must be at most 4294967295"
+        );
+        assert!(RateLimit::parse("5/sec")
+            .unwrap_err()
+            .starts_with("\"5/sec\" is not a rate limit"));
+        let long = "9".repeat(100) + "/x";
+        assert!(!RateLimit::parse(&long).unwrap_err().contains(&long));
+    }
+
+    #[test]
+    fn rate_units_and_serde() {
+        assert_eq!(RateUnit::Second.seconds(), 1);
+        assert_eq!(RateUnit::Minute.seconds(), 60);
+        assert_eq!(RateUnit::Hour.seconds(), 3_600);
+        let r = RateLimit::parse("600/min").unwrap();
+        assert_eq!(serde_json::to_string(&r).unwrap(), "\"600/min\"");
+        assert_eq!(serde_json::from_str::<RateLimit>("\"600/min\"").unwrap(), r);
+        assert!(serde_json::from_str::<RateLimit>("\"0/min\"").is_err());
+        assert!(serde_json::from_str::<RateLimit>("600").is_err());
+        assert_eq!(
+            serde_json::to_string(&Some(r)).unwrap(),
+            serde_json::to_string(&"600/min").unwrap()
         );
     }
 }
