@@ -24,6 +24,7 @@ impl Default for ListenConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
             tls: None,
         }
     }
@@ -55,6 +56,10 @@ impl UpstreamConfig {
             url,
             connect_timeout: Duration::from_secs(2),
             timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(90),
+            own_links: 1024,
+            max_idle: 256,
             authorization: None,
             ca_file: None,
         }

@@ -88,6 +88,8 @@ pub struct ListenConfig {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// Bound on the wait between two reads of a client's request body (§12).
+    pub body_timeout: Duration,
     pub tls: Option<TlsConfig>,
 }
 
@@ -110,6 +112,16 @@ pub struct UpstreamConfig {
     pub url: http::Uri,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// Bound on the wait between two reads of the app's response body (§12).
+    pub read_timeout: Duration,
+    /// An idle keep-alive connection to the app is closed after this.
+    pub idle_timeout: Duration,
+    /// How many client connections may each keep a keep-alive connection to
+    /// the app of their own (the fastest path); beyond that, requests share
+    /// the pool. 0 = every request uses the shared pool.
+    pub own_links: usize,
+    /// Idle keep-alive connections to the app kept in the shared pool (>= 1).
+    pub max_idle: usize,
     /// Replaces `Authorization` on key-authenticated requests (`Bearer <value>`).
     pub authorization: Option<Secret>,
     /// Extra CA bundle (PEM) trusted for an `https://` upstream.

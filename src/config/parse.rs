@@ -79,6 +79,7 @@ fn parse_listen(mut s: Section, p: &mut Problems) -> ListenConfig {
     c.idle_timeout = s.duration("idle_timeout", c.idle_timeout, false, p);
     c.max_connections = s.count("max_connections", c.max_connections, 1, usize::MAX, p);
     c.shutdown_grace = s.duration("shutdown_grace", c.shutdown_grace, true, p);
+    c.body_timeout = s.duration("body_timeout", c.body_timeout, false, p);
     c.tls = match s.sub("tls", p) {
         Ok(Some(t)) => parse_tls(t, p),
         _ => None,
@@ -132,6 +133,10 @@ fn parse_upstream(
     let mut c = UpstreamConfig::new(url.unwrap_or(http::Uri::from_static(PLACEHOLDER_URI)));
     c.connect_timeout = s.duration("connect_timeout", c.connect_timeout, false, p);
     c.timeout = s.duration("timeout", c.timeout, false, p);
+    c.read_timeout = s.duration("read_timeout", c.read_timeout, false, p);
+    c.idle_timeout = s.duration("idle_timeout", c.idle_timeout, false, p);
+    c.own_links = s.count("own_links", c.own_links, 0, usize::MAX, p);
+    c.max_idle = s.count("max_idle", c.max_idle, 1, usize::MAX, p);
     c.authorization = s.secret("authorization", env, p).and_then(|secret| {
         let ok = !secret.expose().starts_with(char::is_whitespace)
             && !secret.expose().ends_with(char::is_whitespace)
@@ -385,11 +390,16 @@ mod tests {
         assert_eq!(c.listen.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.listen.max_connections, 10_000);
         assert_eq!(c.listen.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.listen.body_timeout, Duration::from_secs(60));
         assert!(c.listen.tls.is_none());
         assert_eq!(c.admin.addr, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.upstream.url, "http://127.0.0.1:8080");
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.upstream.timeout, Duration::from_secs(60));
+        assert_eq!(c.upstream.read_timeout, Duration::from_secs(60));
+        assert_eq!(c.upstream.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.upstream.own_links, 1024);
+        assert_eq!(c.upstream.max_idle, 256);
         assert!(c.upstream.authorization.is_none());
         assert!(c.upstream.ca_file.is_none());
         assert_eq!(c.tenant.slug, "acme");
@@ -673,6 +683,56 @@ mod tests {
         one_problem(
             &in_section("upstream", "ca_file = \"/nonexistent/keygate/ca.pem\""),
             "upstream.ca_file",
+        );
+    }
+
+    #[test]
+    fn body_read_and_idle_bounds() {
+        let c = ok(&with("[listen]\nbody_timeout = \"5s\"").replace(
+            "[upstream]\n",
+            "[upstream]\nread_timeout = \"250ms\"\nidle_timeout = \"2m\"\nown_links = 0\nmax_idle = 1\n",
+        ));
+        assert_eq!(c.listen.body_timeout, Duration::from_secs(5));
+        assert_eq!(c.upstream.read_timeout, Duration::from_millis(250));
+        assert_eq!(c.upstream.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.upstream.own_links, 0);
+        assert_eq!(c.upstream.max_idle, 1);
+        // every wait has a bound: zero is refused
+        let m = one_problem(
+            &with("[listen]\nbody_timeout = \"0s\""),
+            "listen.body_timeout",
+        );
+        assert_eq!(m, "must be greater than zero");
+        one_problem(
+            &in_section("upstream", "read_timeout = \"0ms\""),
+            "upstream.read_timeout",
+        );
+        one_problem(
+            &in_section("upstream", "idle_timeout = \"0s\""),
+            "upstream.idle_timeout",
+        );
+        let m = one_problem(&in_section("upstream", "max_idle = 0"), "upstream.max_idle");
+        assert_eq!(m, "must be at least 1");
+        one_problem(
+            &in_section("upstream", "own_links = -1"),
+            "upstream.own_links",
+        );
+        one_problem(
+            &in_section("upstream", "own_links = \"many\""),
+            "upstream.own_links",
+        );
+        // all gathered at once
+        assert_eq!(
+            keys(&with("[listen]\nbody_timeout = \"x\"").replace(
+                "[upstream]\n",
+                "[upstream]\nread_timeout = 5\nidle_timeout = \"0s\"\nmax_idle = 0\n",
+            )),
+            vec![
+                "listen.body_timeout",
+                "upstream.read_timeout",
+                "upstream.idle_timeout",
+                "upstream.max_idle"
+            ]
         );
     }
 }

@@ -55,6 +55,7 @@ pub(super) fn render_redacted(c: &Config) -> String {
     let _ = writeln!(o, "idle_timeout = {}", d(l.idle_timeout));
     let _ = writeln!(o, "max_connections = {}", l.max_connections);
     let _ = writeln!(o, "shutdown_grace = {}", d(l.shutdown_grace));
+    let _ = writeln!(o, "body_timeout = {}", d(l.body_timeout));
     if let Some(t) = &l.tls {
         let _ = writeln!(o, "\n[listen.tls]");
         let _ = writeln!(o, "cert = {}", path(&t.cert));
@@ -75,6 +76,10 @@ pub(super) fn render_redacted(c: &Config) -> String {
     let _ = writeln!(o, "url = {}", toml_string(&origin));
     let _ = writeln!(o, "connect_timeout = {}", d(u.connect_timeout));
     let _ = writeln!(o, "timeout = {}", d(u.timeout));
+    let _ = writeln!(o, "read_timeout = {}", d(u.read_timeout));
+    let _ = writeln!(o, "idle_timeout = {}", d(u.idle_timeout));
+    let _ = writeln!(o, "own_links = {}", u.own_links);
+    let _ = writeln!(o, "max_idle = {}", u.max_idle);
     if u.authorization.is_some() {
         let _ = writeln!(o, "authorization = {}", toml_string(REDACTED));
     }
@@ -276,6 +281,7 @@ header_timeout = "1500ms"
 idle_timeout = "2m"
 max_connections = 7
 shutdown_grace = "0s"
+body_timeout = "3s"
 [listen.tls]
 cert = {fp}
 key = {fp}
@@ -285,6 +291,10 @@ addr = "127.0.0.1:9999"
 [upstream]
 url = "https://app.internal:8443/"
 ca_file = {fp}
+read_timeout = "2d"
+idle_timeout = "1w"
+own_links = 0
+max_idle = 1
 [tenant]
 slug = "acme-2"
 domain = "Example.com."
