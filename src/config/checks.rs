@@ -164,7 +164,9 @@ pub(super) fn check_redis_url(s: &str) -> Result<(), &'static str> {
 
 /// Redis URL for display: the password (or a lone username, which might be a
 /// mistyped password) is replaced; scheme, host, port and db are kept.
-/// Header names a principal header must never be (after folding `_`/`.` to `-`):
+/// Header names a header keygate sets (`auth.principal_header`,
+/// `auth.role_header`, `auth.workspaces_header`, `keys.expiry_header`) must
+/// never be (after folding `_`/`.` to `-`), nor any `x-forwarded-*`:
 /// hop-by-hop, framing, routing and credential headers keygate itself manages.
 pub(super) const RESERVED_HEADERS: &[&str] = &[
     "host",
@@ -194,10 +196,17 @@ pub(super) const RESERVED_HEADERS: &[&str] = &[
     "origin",
 ];
 
-pub(super) fn check_principal_header(s: &str) -> Result<HeaderName, String> {
+/// A header name as keygate strips and sets it: lower-case, with `_` and `.`
+/// read as `-` (a client's `X_Molecule.Principal` is the same header).
+pub(super) fn folded_header(name: &HeaderName) -> String {
+    name.as_str().replace(['_', '.'], "-")
+}
+
+/// A header keygate sets on forwarded requests (the identity headers).
+pub(super) fn check_header_name(s: &str) -> Result<HeaderName, String> {
     let name = HeaderName::from_bytes(s.as_bytes())
         .map_err(|_| format!("{} is not a valid header name", quote(s)))?;
-    let folded = name.as_str().replace(['_', '.'], "-");
+    let folded = folded_header(&name);
     if RESERVED_HEADERS.contains(&folded.as_str()) || folded.starts_with("x-forwarded-") {
         return Err(format!(
             "{} is reserved (hop-by-hop, framing, routing or credential header)",

@@ -82,6 +82,8 @@ impl Default for AuthConfig {
         AuthConfig {
             key_prefix: "mok_".into(),
             principal_header: HeaderName::from_static("x-molecule-principal"),
+            role_header: HeaderName::from_static("x-molecule-key-role"),
+            workspaces_header: HeaderName::from_static("x-molecule-key-workspaces"),
             other_bearer: ForwardPolicy::Forward,
             anonymous: ForwardPolicy::Forward,
             on_store_unavailable: OutagePolicy::Reject,

@@ -165,6 +165,10 @@ pub enum OutagePolicy {
 pub struct AuthConfig {
     pub key_prefix: String,
     pub principal_header: HeaderName,
+    /// Carries a key's role to the app (contract §8).
+    pub role_header: HeaderName,
+    /// Carries a bound key's workspace ids to the app (contract §8).
+    pub workspaces_header: HeaderName,
     pub other_bearer: ForwardPolicy,
     pub anonymous: ForwardPolicy,
     pub on_store_unavailable: OutagePolicy,

@@ -184,8 +184,48 @@ fn parse_auth(mut s: Section, p: &mut Problems) -> AuthConfig {
         })
         .unwrap_or(c.key_prefix);
     c.principal_header = s
-        .checked("principal_header", p, check_principal_header)
+        .checked("principal_header", p, check_header_name)
         .unwrap_or(c.principal_header);
+    let role_given = s.has("role_header");
+    c.role_header = s
+        .checked("role_header", p, check_header_name)
+        .unwrap_or(c.role_header);
+    let workspaces_given = s.has("workspaces_header");
+    c.workspaces_header = s
+        .checked("workspaces_header", p, check_header_name)
+        .unwrap_or(c.workspaces_header);
+    // Three distinct headers, as keygate strips them (`_` and `.` read as `-`).
+    // The problem goes to the later key, or to the one the document sets.
+    let identity = [
+        ("auth.principal_header", &c.principal_header, true),
+        ("auth.role_header", &c.role_header, role_given),
+        (
+            "auth.workspaces_header",
+            &c.workspaces_header,
+            workspaces_given,
+        ),
+    ];
+    for (i, (a_key, a, _)) in identity.iter().enumerate() {
+        for (b_key, b, b_given) in &identity[i + 1..] {
+            if folded_header(a) != folded_header(b) {
+                continue;
+            }
+            let (key, other) = if *b_given {
+                (b_key, a_key)
+            } else {
+                (a_key, b_key)
+            };
+            if !p.has(key) {
+                p.push(
+                    *key,
+                    format!(
+                        "must differ from {other} (both are {})",
+                        quote(&folded_header(a))
+                    ),
+                );
+            }
+        }
+    }
     c.other_bearer = s.choice("other_bearer", &FORWARD_POLICIES, c.other_bearer, p);
     c.anonymous = s.choice("anonymous", &FORWARD_POLICIES, c.anonymous, p);
     c.on_store_unavailable = s.choice(
@@ -408,6 +448,11 @@ mod tests {
         assert_eq!(c.tenant.served_hosts(), vec!["acme.moleculesai.app"]);
         assert_eq!(c.auth.key_prefix, "mok_");
         assert_eq!(c.auth.principal_header.as_str(), "x-molecule-principal");
+        assert_eq!(c.auth.role_header.as_str(), "x-molecule-key-role");
+        assert_eq!(
+            c.auth.workspaces_header.as_str(),
+            "x-molecule-key-workspaces"
+        );
         assert_eq!(c.auth.other_bearer, ForwardPolicy::Forward);
         assert_eq!(c.auth.anonymous, ForwardPolicy::Forward);
         assert_eq!(c.auth.on_store_unavailable, OutagePolicy::Reject);
@@ -734,5 +779,81 @@ mod tests {
                 "upstream.max_idle"
             ]
         );
+    }
+
+    fn auth(body: &str) -> String {
+        with(&format!("[auth]\n{body}"))
+    }
+
+    #[test]
+    fn identity_headers_are_valid_distinct_and_unreserved() {
+        let c = ok(&auth(
+            "role_header = \"X-Org-Role\"\nworkspaces_header = \"X-Org-Workspaces\"",
+        ));
+        assert_eq!(c.auth.role_header.as_str(), "x-org-role");
+        assert_eq!(c.auth.workspaces_header.as_str(), "x-org-workspaces");
+        // reserved names, for either key, as for principal_header
+        for bad in [
+            "",
+            "X Role",
+            "Host",
+            "Content-Length",
+            "Transfer-Encoding",
+            "connection",
+            "Keep-Alive",
+            "TE",
+            "Trailer",
+            "Upgrade",
+            "Proxy-Connection",
+            "Authorization",
+            "Cookie",
+            "X-Request-Id",
+            "X-Forwarded-For",
+            "x-forwarded-proto",
+            "X_Forwarded_Host",
+            "Forwarded",
+            "keep.alive",
+        ] {
+            for key in ["role_header", "workspaces_header"] {
+                let m = one_problem(
+                    &auth(&format!("{key} = {}", toml_string(bad))),
+                    &format!("auth.{key}"),
+                );
+                assert!(
+                    m.contains("reserved") || m.contains("not a valid header name"),
+                    "{key} = {bad:?}: {m}"
+                );
+            }
+        }
+        // three distinct names, as keygate strips them ('_' and '.' read as '-');
+        // the key the document sets is named
+        let m = one_problem(
+            &auth("role_header = \"X-Molecule-Principal\""),
+            "auth.role_header",
+        );
+        assert_eq!(
+            m,
+            "must differ from auth.principal_header (both are \"x-molecule-principal\")"
+        );
+        one_problem(
+            &auth("workspaces_header = \"x_molecule_key.role\""),
+            "auth.workspaces_header",
+        );
+        one_problem(
+            &auth("principal_header = \"X-Molecule-Key-Workspaces\""),
+            "auth.principal_header",
+        );
+        one_problem(
+            &auth("principal_header = \"X-A\"\nrole_header = \"x-a\""),
+            "auth.role_header",
+        );
+        assert_eq!(
+            keys(&auth(
+                "principal_header = \"X-A\"\nrole_header = \"X-A\"\nworkspaces_header = \"X-A\""
+            )),
+            vec!["auth.role_header", "auth.workspaces_header"]
+        );
+        // an invalid name is one problem, not also a collision
+        one_problem(&auth("role_header = \"Host\""), "auth.role_header");
     }
 }

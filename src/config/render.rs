@@ -109,6 +109,12 @@ pub(super) fn render_redacted(c: &Config) -> String {
         "principal_header = {}",
         toml_string(a.principal_header.as_str())
     );
+    let _ = writeln!(o, "role_header = {}", toml_string(a.role_header.as_str()));
+    let _ = writeln!(
+        o,
+        "workspaces_header = {}",
+        toml_string(a.workspaces_header.as_str())
+    );
     let _ = writeln!(o, "other_bearer = {}", fwd(a.other_bearer));
     let _ = writeln!(o, "anonymous = {}", fwd(a.anonymous));
     let outage = match a.on_store_unavailable {
@@ -302,6 +308,8 @@ extra_hosts = ["localhost", "::1", "weird\"quote.example"]
 [auth]
 key_prefix = "org_"
 principal_header = "X-Org-Principal"
+role_header = "X-Org-Role"
+workspaces_header = "X-Org-Workspaces"
 other_bearer = "reject"
 anonymous = "reject"
 on_store_unavailable = "serve_cached"
