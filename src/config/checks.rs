@@ -4,6 +4,7 @@ use http::HeaderName;
 use ipnet::IpNet;
 
 use super::table::quote;
+use super::AdminOnlyRule;
 
 /// A DNS name or (for `allow_ip`) an IP literal, no scheme, port or path.
 /// Returned lower-case, without a trailing dot; IPv6 in the bracketed form
@@ -260,6 +261,72 @@ pub(super) fn check_deny_prefix(s: &str) -> Result<String, String> {
     Ok(s.to_ascii_lowercase())
 }
 
+/// A path prefix compared with matching views (`scopes.*`): a plain path
+/// that keygate's strict path rules admit, returned as its matching view.
+/// A prefix those rules refuse could never match a request.
+pub(super) fn check_view_prefix(s: &str) -> Result<String, String> {
+    check_deny_prefix(s)?;
+    match crate::request::matching_view(s) {
+        Ok(view) => Ok(view.into_owned()),
+        Err(_) => Err(format!(
+            "{} is not a path keygate admits (a dot-segment, a raw ';' or '\\', an encoded \
+             '/', '\\', '.', '%', ';', control or non-ASCII byte, or a bad escape): it would never match",
+            quote(s)
+        )),
+    }
+}
+
+/// `scopes.workspace_prefix`: a view prefix that ends with `/` (one is added).
+pub(super) fn check_workspace_prefix(s: &str) -> Result<String, String> {
+    let mut view = check_view_prefix(s)?;
+    if !view.ends_with('/') {
+        view.push('/');
+    }
+    Ok(view)
+}
+
+/// A `scopes.admin_only` entry: `"METHOD /prefix"` (one space; the method an
+/// upper-case token) or `"/prefix"` (every method).
+pub(super) fn check_admin_only(s: &str) -> Result<AdminOnlyRule, String> {
+    if s.starts_with('/') {
+        return Ok(AdminOnlyRule {
+            method: None,
+            prefix: check_view_prefix(s)?,
+        });
+    }
+    let shape = || {
+        format!(
+            "{} is not \"METHOD /prefix\" or \"/prefix\" (e.g. \"POST /org/import\")",
+            quote(s)
+        )
+    };
+    let (method, prefix) = s.split_once(' ').ok_or_else(shape)?;
+    if !prefix.starts_with('/') {
+        return Err(shape());
+    }
+    const TCHAR: &str = "!#$%&'*+-.^_`|~";
+    let token = !method.is_empty()
+        && method
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || TCHAR.contains(c));
+    if !token {
+        return Err(format!("{}: {} is not a method", quote(s), quote(method)));
+    }
+    if method.chars().any(|c| c.is_ascii_lowercase()) {
+        return Err(format!(
+            "{}: the method must be upper-case ({})",
+            quote(s),
+            quote(&method.to_ascii_uppercase())
+        ));
+    }
+    let method = http::Method::from_bytes(method.as_bytes())
+        .map_err(|_| format!("{}: {} is not a method", quote(s), quote(method)))?;
+    Ok(AdminOnlyRule {
+        method: Some(method),
+        prefix: check_view_prefix(prefix)?,
+    })
+}
+
 pub(super) fn parse_trusted_proxy(s: &str) -> Option<IpNet> {
     s.parse::<IpNet>()
         .ok()
@@ -467,5 +534,134 @@ mod tests {
                 "policy.deny_prefixes[4]",
             ]
         );
+    }
+
+    fn scopes(body: &str) -> String {
+        with(&format!("[scopes]\n{body}"))
+    }
+
+    #[test]
+    fn workspace_prefix_is_a_view_ending_in_slash() {
+        assert_eq!(ok(MINIMAL).scopes.workspace_prefix, "/workspaces/");
+        for (given, stored) in [
+            ("/workspaces/", "/workspaces/"),
+            ("/Workspaces", "/workspaces/"),
+            ("//WS//", "/ws/"),
+            ("/api/%77s", "/api/ws/"),
+            ("/", "/"),
+        ] {
+            let c = ok(&scopes(&format!(
+                "workspace_prefix = {}",
+                toml_string(given)
+            )));
+            assert_eq!(c.scopes.workspace_prefix, stored, "{given}");
+        }
+        for bad in [
+            "",
+            "workspaces/",
+            "/a b/",
+            "/ws?x",
+            "/ws#x",
+            "/ws/../x",
+            "/./ws",
+            "/ws%2F",
+            "/ws;x",
+            "/ws%zz",
+        ] {
+            one_problem(
+                &scopes(&format!("workspace_prefix = {}", toml_string(bad))),
+                "scopes.workspace_prefix",
+            );
+        }
+        one_problem(&scopes("workspace_prefix = 5"), "scopes.workspace_prefix");
+    }
+
+    #[test]
+    fn admin_only_entries_are_parsed_once() {
+        assert!(ok(MINIMAL).scopes.admin_only.is_empty());
+        let c = ok(&scopes(
+            "admin_only = [\"POST /org/import\", \"/Bundles//Import\", \"M-SEARCH /x\", \"DELETE /%41pi\"]",
+        ));
+        let got: Vec<(Option<&str>, &str)> = c
+            .scopes
+            .admin_only
+            .iter()
+            .map(|r| {
+                (
+                    r.method.as_ref().map(http::Method::as_str),
+                    r.prefix.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some("POST"), "/org/import"),
+                (None, "/bundles/import"),
+                (Some("M-SEARCH"), "/x"),
+                (Some("DELETE"), "/api"),
+            ]
+        );
+        let shown: Vec<String> = c.scopes.admin_only.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "POST /org/import",
+                "/bundles/import",
+                "M-SEARCH /x",
+                "DELETE /api"
+            ]
+        );
+        // each bad entry is named by its index; the good ones are kept
+        let bad = [
+            "post /x",
+            "POST",
+            "POST  /x",
+            "POST\t/x",
+            " /x",
+            "GET x",
+            "",
+            "/a?b",
+            "G(T /x",
+            "GET /a/../b",
+            "PUT /a b",
+        ];
+        let list: Vec<String> = std::iter::once("POST /ok")
+            .chain(bad)
+            .map(toml_string)
+            .collect();
+        let ks = keys(&scopes(&format!("admin_only = [{}]", list.join(", "))));
+        let want: Vec<String> = (1..=bad.len())
+            .map(|i| format!("scopes.admin_only[{i}]"))
+            .collect();
+        assert_eq!(ks, want);
+        let m = one_problem(
+            &scopes("admin_only = [\"post /x\"]"),
+            "scopes.admin_only[0]",
+        );
+        assert_eq!(m, "\"post /x\": the method must be upper-case (\"POST\")");
+        let m = one_problem(&scopes("admin_only = [\"POST\"]"), "scopes.admin_only[0]");
+        assert!(
+            m.contains("is not \"METHOD /prefix\" or \"/prefix\""),
+            "{m}"
+        );
+        one_problem(&scopes("admin_only = \"POST /x\""), "scopes.admin_only");
+        one_problem(&scopes("admin_only = [5]"), "scopes.admin_only[0]");
+        one_problem(&scopes("workspace = \"/w/\""), "scopes.workspace");
+    }
+
+    #[test]
+    fn admin_only_rules_match_like_deny_prefixes() {
+        let c = ok(&scopes(
+            "admin_only = [\"POST /org/import\", \"/bundles/import\"]",
+        ));
+        let (post, any) = (&c.scopes.admin_only[0], &c.scopes.admin_only[1]);
+        assert!(post.matches(&http::Method::POST, "/org/import"));
+        assert!(post.matches(&http::Method::POST, "/org/imports/x"));
+        assert!(!post.matches(&http::Method::GET, "/org/import"));
+        assert!(!post.matches(&http::Method::POST, "/org/impor"));
+        assert!(any.matches(&http::Method::GET, "/bundles/import"));
+        assert!(any.matches(&http::Method::DELETE, "/bundles/import/1"));
+        assert!(!any.matches(&http::Method::GET, "/api/bundles/import"));
     }
 }

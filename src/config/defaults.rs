@@ -119,6 +119,15 @@ impl Default for KeysConfig {
     }
 }
 
+impl Default for ScopesConfig {
+    fn default() -> Self {
+        ScopesConfig {
+            workspace_prefix: "/workspaces/".into(),
+            admin_only: vec![],
+        }
+    }
+}
+
 impl SessionConfig {
     /// `[session]` with `verify_url` and `cookie`, every other key at its default.
     pub fn new(verify_url: http::Uri, cookie: impl Into<String>) -> Self {
@@ -171,6 +180,7 @@ impl Config {
                 ..StoreConfig::default()
             },
             keys: KeysConfig::default(),
+            scopes: ScopesConfig::default(),
             session: None,
             log: LogConfig::default(),
             runtime: RuntimeConfig::default(),

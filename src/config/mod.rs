@@ -75,6 +75,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub store: StoreConfig,
     pub keys: KeysConfig,
+    pub scopes: ScopesConfig,
     pub session: Option<SessionConfig>,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
@@ -208,6 +209,44 @@ pub struct StoreConfig {
 #[derive(Debug, Clone)]
 pub struct KeysConfig {
     pub max_live: u32,
+}
+
+/// Scoped keys (contract §8).
+#[derive(Debug, Clone)]
+pub struct ScopesConfig {
+    /// Workspace paths: a matching view (lower-case, repeated slashes merged,
+    /// unreserved escapes decoded) that starts and ends with `/`. A key bound
+    /// to workspaces reaches only this prefix followed by one of its ids.
+    pub workspace_prefix: String,
+    /// Routes an `editor` key is refused.
+    pub admin_only: Vec<AdminOnlyRule>,
+}
+
+/// One `scopes.admin_only` entry: `"METHOD /prefix"` or `"/prefix"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminOnlyRule {
+    /// `None`: every method.
+    pub method: Option<http::Method>,
+    /// A matching view, compared byte-wise with the request's view like the
+    /// deny prefixes (`/org/import` also covers `/org/imports`).
+    pub prefix: String,
+}
+
+impl AdminOnlyRule {
+    /// The rule covers a request with `method` whose matching view is `view`.
+    pub fn matches(&self, method: &http::Method, view: &str) -> bool {
+        self.method.as_ref().is_none_or(|m| m == method) && view.starts_with(&self.prefix)
+    }
+}
+
+impl std::fmt::Display for AdminOnlyRule {
+    /// The entry as written in the config (`POST /org/import`, `/bundles`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.method {
+            Some(m) => write!(f, "{m} {}", self.prefix),
+            None => f.write_str(&self.prefix),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

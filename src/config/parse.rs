@@ -44,6 +44,7 @@ pub(super) fn parse_config(
     let policy = parse_policy(root.sub_or_empty("policy", p), p);
     let store = parse_store(root.sub_or_empty("store", p), env, p);
     let keys = parse_keys(root.sub_or_empty("keys", p), p);
+    let scopes = parse_scopes(root.sub_or_empty("scopes", p), p);
     let session = match root.sub("session", p) {
         Ok(Some(s)) => parse_session(s, p),
         _ => None,
@@ -60,6 +61,7 @@ pub(super) fn parse_config(
         policy,
         store,
         keys,
+        scopes,
         session,
         log,
         runtime,
@@ -372,6 +374,18 @@ fn parse_keys(mut s: Section, p: &mut Problems) -> KeysConfig {
     let mut c = KeysConfig::default();
     let max_live = s.int_range("max_live", i64::from(c.max_live), 1, i64::from(u32::MAX), p);
     c.max_live = u32::try_from(max_live).unwrap_or(c.max_live);
+    s.finish(p);
+    c
+}
+
+fn parse_scopes(mut s: Section, p: &mut Problems) -> ScopesConfig {
+    let mut c = ScopesConfig::default();
+    c.workspace_prefix = s
+        .checked("workspace_prefix", p, check_workspace_prefix)
+        .unwrap_or(c.workspace_prefix);
+    c.admin_only = s
+        .checked_list("admin_only", p, check_admin_only)
+        .unwrap_or(c.admin_only);
     s.finish(p);
     c
 }

@@ -166,6 +166,18 @@ pub(super) fn render_redacted(c: &Config) -> String {
     let _ = writeln!(o, "\n[keys]");
     let _ = writeln!(o, "max_live = {}", c.keys.max_live);
 
+    let _ = writeln!(o, "\n[scopes]");
+    let _ = writeln!(
+        o,
+        "workspace_prefix = {}",
+        toml_string(&c.scopes.workspace_prefix)
+    );
+    let _ = writeln!(
+        o,
+        "admin_only = {}",
+        strs(&mut c.scopes.admin_only.iter().map(|r| r.to_string()))
+    );
+
     if let Some(s) = &c.session {
         let _ = writeln!(o, "\n[session]");
         let _ = writeln!(o, "verify_url = {}", toml_string(&s.verify_url.to_string()));
@@ -321,6 +333,9 @@ sentinel = {{ master = "m\\x", nodes = ["redis://a:26379", "rediss://b:26379"] }
 timeout = "1s"
 [keys]
 max_live = 3
+[scopes]
+workspace_prefix = "/WS"
+admin_only = ["POST /org/import", "/Bundles//import", "M-SEARCH /x"]
 [session]
 verify_url = "https://api.example.com/check?slug=acme-2"
 cookie = "sid"
