@@ -197,6 +197,17 @@ pub(super) const RESERVED_HEADERS: &[&str] = &[
     "origin",
 ];
 
+/// Response headers keygate sets itself (contract §11): a `keys.expiry_header`
+/// named like one of them would remove the real one.
+const RESPONSE_HEADERS: &[&str] = &[
+    "retry-after",
+    "ratelimit",
+    "ratelimit-policy",
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+];
+
 /// A header name as keygate strips and sets it: lower-case, with `_` and `.`
 /// read as `-` (a client's `X_Molecule.Principal` is the same header).
 pub(super) fn folded_header(name: &HeaderName) -> String {
@@ -211,6 +222,18 @@ pub(super) fn check_header_name(s: &str) -> Result<HeaderName, String> {
     if RESERVED_HEADERS.contains(&folded.as_str()) || folded.starts_with("x-forwarded-") {
         return Err(format!(
             "{} is reserved (hop-by-hop, framing, routing or credential header)",
+            quote(s)
+        ));
+    }
+    Ok(name)
+}
+
+/// A header keygate sets on responses (`keys.expiry_header`).
+pub(super) fn check_response_header_name(s: &str) -> Result<HeaderName, String> {
+    let name = check_header_name(s)?;
+    if RESPONSE_HEADERS.contains(&folded_header(&name).as_str()) {
+        return Err(format!(
+            "{} is reserved (keygate sets it on responses itself)",
             quote(s)
         ));
     }

@@ -115,7 +115,15 @@ impl Default for StoreConfig {
 
 impl Default for KeysConfig {
     fn default() -> Self {
-        KeysConfig { max_live: 100 }
+        KeysConfig {
+            max_live: 100,
+            rotate_grace: Duration::from_secs(24 * 3_600),
+            expiry_notice: Duration::from_secs(7 * 86_400),
+            expiry_header: HeaderName::from_static("x-molecule-key-expires"),
+            usage_flush: Duration::from_secs(10),
+            usage_retention: Duration::from_secs(30 * 86_400),
+            default_rate_limit: None,
+        }
     }
 }
 

@@ -209,6 +209,18 @@ pub struct StoreConfig {
 #[derive(Debug, Clone)]
 pub struct KeysConfig {
     pub max_live: u32,
+    /// How long a rotated key keeps working unless the rotation says (§9; <= 30d).
+    pub rotate_grace: Duration,
+    /// Responses carry `expiry_header` this long before the key's `expires_at` (§9).
+    pub expiry_notice: Duration,
+    /// The response header that announces a key's coming expiry (§9).
+    pub expiry_header: HeaderName,
+    /// At most one usage write per key per instance this often (§10; > 0).
+    pub usage_flush: Duration,
+    /// Usage buckets older than this are dropped (§10; >= 1h).
+    pub usage_retention: Duration,
+    /// Applied at mint to keys minted without a rate limit (§11); `None` = none.
+    pub default_rate_limit: Option<RateLimit>,
 }
 
 /// Scoped keys (contract §8).

@@ -374,6 +374,18 @@ fn parse_keys(mut s: Section, p: &mut Problems) -> KeysConfig {
     let mut c = KeysConfig::default();
     let max_live = s.int_range("max_live", i64::from(c.max_live), 1, i64::from(u32::MAX), p);
     c.max_live = u32::try_from(max_live).unwrap_or(c.max_live);
+    const DAY: Duration = Duration::from_secs(86_400);
+    const HOUR: Duration = Duration::from_secs(3_600);
+    c.rotate_grace =
+        s.duration_between("rotate_grace", c.rotate_grace, Duration::ZERO, 30 * DAY, p);
+    c.expiry_notice = s.duration("expiry_notice", c.expiry_notice, true, p);
+    c.expiry_header = s
+        .checked("expiry_header", p, check_response_header_name)
+        .unwrap_or(c.expiry_header);
+    c.usage_flush = s.duration("usage_flush", c.usage_flush, false, p);
+    c.usage_retention =
+        s.duration_between("usage_retention", c.usage_retention, HOUR, Duration::MAX, p);
+    c.default_rate_limit = s.checked("default_rate_limit", p, RateLimit::parse);
     s.finish(p);
     c
 }
@@ -483,6 +495,14 @@ mod tests {
         }
         assert_eq!(c.store.timeout, Duration::from_millis(250));
         assert_eq!(c.keys.max_live, 100);
+        assert_eq!(c.keys.rotate_grace, Duration::from_secs(24 * 3600));
+        assert_eq!(c.keys.expiry_notice, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.keys.expiry_header.as_str(), "x-molecule-key-expires");
+        assert_eq!(c.keys.usage_flush, Duration::from_secs(10));
+        assert_eq!(c.keys.usage_retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.keys.default_rate_limit, None);
+        assert_eq!(c.scopes.workspace_prefix, "/workspaces/");
+        assert!(c.scopes.admin_only.is_empty());
         assert!(c.session.is_none());
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.log.level, "info");
@@ -869,5 +889,80 @@ mod tests {
         );
         // an invalid name is one problem, not also a collision
         one_problem(&auth("role_header = \"Host\""), "auth.role_header");
+    }
+
+    fn keys_section(body: &str) -> String {
+        with(&format!("[keys]\n{body}"))
+    }
+
+    #[test]
+    fn keys_rotation_expiry_usage_and_rate_limit() {
+        let c = ok(&keys_section(
+            "rotate_grace = \"30d\"\nexpiry_notice = \"0s\"\nexpiry_header = \"X-Key-Expires\"\n\
+             usage_flush = \"250ms\"\nusage_retention = \"1h\"\ndefault_rate_limit = \"600/min\"",
+        ));
+        assert_eq!(c.keys.rotate_grace, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.keys.expiry_notice, Duration::ZERO);
+        assert_eq!(c.keys.expiry_header.as_str(), "x-key-expires");
+        assert_eq!(c.keys.usage_flush, Duration::from_millis(250));
+        assert_eq!(c.keys.usage_retention, Duration::from_secs(3600));
+        let r = c.keys.default_rate_limit.expect("rate limit");
+        assert_eq!((r.limit.get(), r.per), (600, RateUnit::Minute));
+        assert_eq!(
+            ok(&keys_section("rotate_grace = \"0s\"")).keys.rotate_grace,
+            Duration::ZERO
+        );
+
+        let m = one_problem(&keys_section("rotate_grace = \"31d\""), "keys.rotate_grace");
+        assert_eq!(m, "must be at most \"30d\"");
+        one_problem(&keys_section("rotate_grace = \"5w\""), "keys.rotate_grace");
+        let m = one_problem(&keys_section("usage_flush = \"0s\""), "keys.usage_flush");
+        assert_eq!(m, "must be greater than zero");
+        let m = one_problem(
+            &keys_section("usage_retention = \"59m\""),
+            "keys.usage_retention",
+        );
+        assert_eq!(m, "must be at least \"1h\"");
+        for bad in ["0/s", "5/sec", "-1/min", "+5/s", "5 /s", "", "4294967296/h"] {
+            one_problem(
+                &keys_section(&format!("default_rate_limit = {}", toml_string(bad))),
+                "keys.default_rate_limit",
+            );
+        }
+        one_problem(
+            &keys_section("default_rate_limit = 600"),
+            "keys.default_rate_limit",
+        );
+        // the expiry header: a valid, unreserved name, nor one keygate sets itself
+        for bad in [
+            "X Expires",
+            "Connection",
+            "Content-Length",
+            "Transfer-Encoding",
+            "X-Forwarded-For",
+            "Forwarded",
+            "Cookie",
+            "Retry-After",
+            "RateLimit-Remaining",
+            "ratelimit_reset",
+        ] {
+            one_problem(
+                &keys_section(&format!("expiry_header = {}", toml_string(bad))),
+                "keys.expiry_header",
+            );
+        }
+        // all gathered
+        assert_eq!(
+            keys(&keys_section(
+                "rotate_grace = \"1y\"\nusage_flush = \"0s\"\nusage_retention = \"1s\"\ndefault_rate_limit = \"x\"\nexpiry_header = \"te\""
+            )),
+            vec![
+                "keys.rotate_grace",
+                "keys.expiry_header",
+                "keys.usage_flush",
+                "keys.usage_retention",
+                "keys.default_rate_limit"
+            ]
+        );
     }
 }

@@ -164,7 +164,20 @@ pub(super) fn render_redacted(c: &Config) -> String {
     let _ = writeln!(o, "timeout = {}", d(c.store.timeout));
 
     let _ = writeln!(o, "\n[keys]");
-    let _ = writeln!(o, "max_live = {}", c.keys.max_live);
+    let k = &c.keys;
+    let _ = writeln!(o, "max_live = {}", k.max_live);
+    let _ = writeln!(o, "rotate_grace = {}", d(k.rotate_grace));
+    let _ = writeln!(o, "expiry_notice = {}", d(k.expiry_notice));
+    let _ = writeln!(
+        o,
+        "expiry_header = {}",
+        toml_string(k.expiry_header.as_str())
+    );
+    let _ = writeln!(o, "usage_flush = {}", d(k.usage_flush));
+    let _ = writeln!(o, "usage_retention = {}", d(k.usage_retention));
+    if let Some(r) = &k.default_rate_limit {
+        let _ = writeln!(o, "default_rate_limit = {}", toml_string(&r.to_string()));
+    }
 
     let _ = writeln!(o, "\n[scopes]");
     let _ = writeln!(
@@ -333,6 +346,12 @@ sentinel = {{ master = "m\\x", nodes = ["redis://a:26379", "rediss://b:26379"] }
 timeout = "1s"
 [keys]
 max_live = 3
+rotate_grace = "0s"
+expiry_notice = "36h"
+expiry_header = "X-Key-Expires"
+usage_flush = "1500ms"
+usage_retention = "1h"
+default_rate_limit = "5/s"
 [scopes]
 workspace_prefix = "/WS"
 admin_only = ["POST /org/import", "/Bundles//import", "M-SEARCH /x"]
