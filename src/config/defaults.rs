@@ -192,6 +192,7 @@ impl Config {
             session: None,
             log: LogConfig::default(),
             runtime: RuntimeConfig::default(),
+            spellings: Default::default(),
         }
     }
 

@@ -79,6 +79,9 @@ pub struct Config {
     pub session: Option<SessionConfig>,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
+    /// The header names as the document spelled them, for `keygate check`
+    /// only (the typed `HeaderName` fields are lower-case).
+    spellings: render::HeaderSpellings,
 }
 
 #[derive(Debug, Clone)]

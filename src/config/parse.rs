@@ -5,6 +5,7 @@
 //! leaves the default in place, so the walk always goes on to the end.
 
 use super::checks::*;
+use super::render::HeaderSpellings;
 use super::table::{quote, resolve_secret, Problems, Section};
 use super::*;
 
@@ -40,10 +41,11 @@ pub(super) fn parse_config(
     }
     let upstream = parse_upstream(root.sub("upstream", p), env, p);
     let tenant = parse_tenant(root.sub("tenant", p), p);
-    let auth = parse_auth(root.sub_or_empty("auth", p), p);
+    let mut spellings = HeaderSpellings::default();
+    let auth = parse_auth(root.sub_or_empty("auth", p), &mut spellings, p);
     let policy = parse_policy(root.sub_or_empty("policy", p), p);
     let store = parse_store(root.sub_or_empty("store", p), env, p);
-    let keys = parse_keys(root.sub_or_empty("keys", p), p);
+    let keys = parse_keys(root.sub_or_empty("keys", p), &mut spellings, p);
     let scopes = parse_scopes(root.sub_or_empty("scopes", p), p);
     let session = match root.sub("session", p) {
         Ok(Some(s)) => parse_session(s, p),
@@ -65,6 +67,25 @@ pub(super) fn parse_config(
         session,
         log,
         runtime,
+        spellings,
+    }
+}
+
+/// A header name at `k` through `check`, its spelling kept for rendering.
+fn header(
+    s: &mut Section,
+    k: &str,
+    default: HeaderName,
+    check: fn(&str) -> Result<HeaderName, String>,
+    spellings: &mut HeaderSpellings,
+    p: &mut Problems,
+) -> HeaderName {
+    match s.checked(k, p, |v| check(v).map(|h| (h, v.to_string()))) {
+        Some((name, spelled)) => {
+            spellings.record(s.key(k), &name, spelled);
+            name
+        }
+        None => default,
     }
 }
 
@@ -178,24 +199,33 @@ fn parse_tenant(section: Result<Option<Section>, ()>, p: &mut Problems) -> Tenan
     c
 }
 
-fn parse_auth(mut s: Section, p: &mut Problems) -> AuthConfig {
+fn parse_auth(mut s: Section, spell: &mut HeaderSpellings, p: &mut Problems) -> AuthConfig {
     let mut c = AuthConfig::default();
     c.key_prefix = s
         .checked("key_prefix", p, |v| {
             check_key_prefix(v).map(|()| v.to_string())
         })
         .unwrap_or(c.key_prefix);
-    c.principal_header = s
-        .checked("principal_header", p, check_header_name)
-        .unwrap_or(c.principal_header);
+    let check = check_header_name;
+    c.principal_header = header(
+        &mut s,
+        "principal_header",
+        c.principal_header,
+        check,
+        spell,
+        p,
+    );
     let role_given = s.has("role_header");
-    c.role_header = s
-        .checked("role_header", p, check_header_name)
-        .unwrap_or(c.role_header);
+    c.role_header = header(&mut s, "role_header", c.role_header, check, spell, p);
     let workspaces_given = s.has("workspaces_header");
-    c.workspaces_header = s
-        .checked("workspaces_header", p, check_header_name)
-        .unwrap_or(c.workspaces_header);
+    c.workspaces_header = header(
+        &mut s,
+        "workspaces_header",
+        c.workspaces_header,
+        check,
+        spell,
+        p,
+    );
     // Three distinct headers, as keygate strips them (`_` and `.` read as `-`).
     // The problem goes to the later key, or to the one the document sets.
     let identity = [
@@ -370,7 +400,7 @@ fn parse_store(
     c
 }
 
-fn parse_keys(mut s: Section, p: &mut Problems) -> KeysConfig {
+fn parse_keys(mut s: Section, spell: &mut HeaderSpellings, p: &mut Problems) -> KeysConfig {
     let mut c = KeysConfig::default();
     let max_live = s.int_range("max_live", i64::from(c.max_live), 1, i64::from(u32::MAX), p);
     c.max_live = u32::try_from(max_live).unwrap_or(c.max_live);
@@ -379,9 +409,8 @@ fn parse_keys(mut s: Section, p: &mut Problems) -> KeysConfig {
     c.rotate_grace =
         s.duration_between("rotate_grace", c.rotate_grace, Duration::ZERO, 30 * DAY, p);
     c.expiry_notice = s.duration("expiry_notice", c.expiry_notice, true, p);
-    c.expiry_header = s
-        .checked("expiry_header", p, check_response_header_name)
-        .unwrap_or(c.expiry_header);
+    let check = check_response_header_name;
+    c.expiry_header = header(&mut s, "expiry_header", c.expiry_header, check, spell, p);
     c.usage_flush = s.duration("usage_flush", c.usage_flush, false, p);
     c.usage_retention =
         s.duration_between("usage_retention", c.usage_retention, HOUR, Duration::MAX, p);

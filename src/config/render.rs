@@ -8,6 +8,34 @@ use super::*;
 
 const REDACTED: &str = "[redacted]";
 
+/// How the document spelled each header name key (`auth.principal_header =
+/// "X-Org-Principal"`): `keygate check` prints names as configured, while the
+/// typed fields hold the http crate's lower-case `HeaderName`.
+#[derive(Debug, Clone, Default)]
+pub(super) struct HeaderSpellings(Vec<(String, HeaderName, String)>);
+
+impl HeaderSpellings {
+    pub(super) fn record(&mut self, key: String, name: &HeaderName, spelled: String) {
+        self.0.push((key, name.clone(), spelled));
+    }
+
+    /// The spelling recorded for `key` while it still names `name` (a field
+    /// changed in code falls back), else the name in title case
+    /// (`X-Molecule-Principal`), as the contract writes the defaults.
+    pub(super) fn show(&self, key: &str, name: &HeaderName) -> String {
+        if let Some((_, _, spelled)) = self.0.iter().find(|(k, n, _)| k == key && n == name) {
+            return spelled.clone();
+        }
+        let mut out = String::with_capacity(name.as_str().len());
+        let mut upper = true;
+        for c in name.as_str().chars() {
+            out.push(if upper { c.to_ascii_uppercase() } else { c });
+            upper = c == '-';
+        }
+        out
+    }
+}
+
 pub(super) fn redact_redis_url(s: &str) -> String {
     let Some(scheme_end) = s.find("://") else {
         return REDACTED.to_string();
@@ -42,6 +70,7 @@ pub(super) fn render_redacted(c: &Config) -> String {
     let d = |d: Duration| toml_string(&format_duration(d));
     let path = |p: &std::path::Path| toml_string(&p.to_string_lossy());
     let redis = |s: &Secret| toml_string(&redact_redis_url(s.expose()));
+    let header = |key: &str, name: &HeaderName| toml_string(&c.spellings.show(key, name));
 
     let l = &c.listen;
     let _ = writeln!(o, "[listen]");
@@ -107,13 +136,17 @@ pub(super) fn render_redacted(c: &Config) -> String {
     let _ = writeln!(
         o,
         "principal_header = {}",
-        toml_string(a.principal_header.as_str())
+        header("auth.principal_header", &a.principal_header)
     );
-    let _ = writeln!(o, "role_header = {}", toml_string(a.role_header.as_str()));
+    let _ = writeln!(
+        o,
+        "role_header = {}",
+        header("auth.role_header", &a.role_header)
+    );
     let _ = writeln!(
         o,
         "workspaces_header = {}",
-        toml_string(a.workspaces_header.as_str())
+        header("auth.workspaces_header", &a.workspaces_header)
     );
     let _ = writeln!(o, "other_bearer = {}", fwd(a.other_bearer));
     let _ = writeln!(o, "anonymous = {}", fwd(a.anonymous));
@@ -171,7 +204,7 @@ pub(super) fn render_redacted(c: &Config) -> String {
     let _ = writeln!(
         o,
         "expiry_header = {}",
-        toml_string(k.expiry_header.as_str())
+        header("keys.expiry_header", &k.expiry_header)
     );
     let _ = writeln!(o, "usage_flush = {}", d(k.usage_flush));
     let _ = writeln!(o, "usage_retention = {}", d(k.usage_retention));
@@ -435,5 +468,48 @@ worker_threads = 2
         for section in ["[listen.tls]", "[session]", "[runtime]"] {
             assert!(EXAMPLE.contains(section), "{section}");
         }
+    }
+
+    #[test]
+    fn header_names_are_printed_as_configured() {
+        // defaults: as the contract writes them
+        let out = ok(MINIMAL).to_redacted_toml();
+        for line in [
+            "principal_header = \"X-Molecule-Principal\"",
+            "role_header = \"X-Molecule-Key-Role\"",
+            "workspaces_header = \"X-Molecule-Key-Workspaces\"",
+            "expiry_header = \"X-Molecule-Key-Expires\"",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
+        }
+        // configured: the operator's spelling, while the typed field is lower-case
+        let c = ok(&with(
+            "[auth]\nprincipal_header = \"X-ORG-principal\"\nrole_header = \"x-org-role\"\n\
+             workspaces_header = \"X_Org_Workspaces\"\n[keys]\nexpiry_header = \"X-Key-EXPIRES\"",
+        ));
+        assert_eq!(c.auth.principal_header.as_str(), "x-org-principal");
+        assert_eq!(c.auth.workspaces_header.as_str(), "x_org_workspaces");
+        assert_eq!(c.keys.expiry_header.as_str(), "x-key-expires");
+        let out = c.to_redacted_toml();
+        for line in [
+            "principal_header = \"X-ORG-principal\"",
+            "role_header = \"x-org-role\"",
+            "workspaces_header = \"X_Org_Workspaces\"",
+            "expiry_header = \"X-Key-EXPIRES\"",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
+        }
+        assert!(!out.contains("x-org-principal"), "{out}");
+        // and it parses back to the same config and the same text
+        assert_round_trip(&out, &no_env, &[]);
+        // a field changed in code is printed from its value, not a stale spelling
+        let mut c = c;
+        c.auth.principal_header = http::HeaderName::from_static("x-test-principal");
+        let out = c.to_redacted_toml();
+        assert!(
+            out.contains("principal_header = \"X-Test-Principal\""),
+            "{out}"
+        );
+        assert!(out.contains("role_header = \"x-org-role\""), "{out}");
     }
 }
