@@ -423,7 +423,8 @@ worker_threads = 2
             .replace("# cookie = ", "cookie = ")
             .replace("# timeout = ", "timeout = ")
             .replace("# cache_ttl = ", "cache_ttl = ")
-            .replace("# negative_ttl = ", "negative_ttl = ");
+            .replace("# negative_ttl = ", "negative_ttl = ")
+            .replace("# default_rate_limit = ", "default_rate_limit = ");
         let c = Config::from_toml_str(&on, &env).unwrap_or_else(|e| panic!("{e}\n{on}"));
         assert_eq!(c.upstream.authorization.unwrap().expose(), SECRET);
         let s = c.session.expect("session");
@@ -431,6 +432,10 @@ worker_threads = 2
         assert_eq!(s.timeout, Duration::from_secs(2));
         assert_eq!(s.cache_ttl, Duration::from_secs(30));
         assert_eq!(s.negative_ttl, Duration::from_secs(5));
+        assert_eq!(
+            c.keys.default_rate_limit.map(|r| r.to_string()).as_deref(),
+            Some("600/min")
+        );
         // and the scale-out alternatives
         let cluster = EXAMPLE
             .replace("url = \"redis://127.0.0.1:6379/0\"", "")
@@ -453,7 +458,8 @@ worker_threads = 2
         let full = with(&format!(
             "[listen.tls]\ncert = {fp}\nkey = {fp}\n[session]\nverify_url = \"https://x/c\"\ncookie = \"c\""
         ))
-        .replace("[upstream]\n", &format!("[upstream]\nauthorization = \"t\"\nca_file = {fp}\n"));
+        .replace("[upstream]\n", &format!("[upstream]\nauthorization = \"t\"\nca_file = {fp}\n"))
+        .replace("[tenant]\n", "[keys]\ndefault_rate_limit = \"1/h\"\n[tenant]\n");
         let rendered = ok(&full).to_redacted_toml();
         for line in rendered.lines() {
             let Some((key, _)) = line.split_once(" = ") else {
@@ -465,7 +471,7 @@ worker_threads = 2
             });
             assert!(documented, "{key} is not documented in the example");
         }
-        for section in ["[listen.tls]", "[session]", "[runtime]"] {
+        for section in ["[listen.tls]", "[session]", "[runtime]", "[scopes]"] {
             assert!(EXAMPLE.contains(section), "{section}");
         }
     }
@@ -511,5 +517,133 @@ worker_threads = 2
             "{out}"
         );
         assert!(out.contains("role_header = \"x-org-role\""), "{out}");
+    }
+
+    #[test]
+    fn default_config_renders_parses_back_and_renders_the_same() {
+        let c = Config::new("acme", http::Uri::from_static("http://127.0.0.1:8080"));
+        let text = c.to_redacted_toml();
+        let back = Config::from_toml_str(&text, &no_env)
+            .unwrap_or_else(|e| panic!("the default rendering does not parse:\n{e}\n---\n{text}"));
+        assert_eq!(back.to_redacted_toml(), text);
+        // the very same values, section by section (secrets: none by default)
+        let sections = |c: &Config| {
+            format!(
+                "{:?}",
+                (
+                    &c.listen,
+                    &c.admin,
+                    &c.upstream,
+                    &c.tenant,
+                    &c.auth,
+                    &c.policy,
+                    &c.store,
+                    &c.keys,
+                    &c.scopes,
+                    &c.session,
+                    &c.log,
+                    &c.runtime
+                )
+            )
+        };
+        assert_eq!(sections(&back), sections(&c));
+        // the contract's defaults (a Redis store) likewise
+        let minimal = ok(MINIMAL);
+        let text = minimal.to_redacted_toml();
+        assert_eq!(ok(&text).to_redacted_toml(), text);
+        assert_eq!(sections(&ok(&text)), sections(&minimal));
+    }
+
+    /// `line` (without its `# `) sets a key or opens a table: `name = …`, `[name]`.
+    fn is_key_line(rest: &str) -> bool {
+        let ident = |c: char| c.is_ascii_lowercase() || c == '_' || c == '.';
+        if let Some(r) = rest.strip_prefix('[') {
+            return r
+                .split_once(']')
+                .is_some_and(|(name, _)| !name.is_empty() && name.chars().all(ident));
+        }
+        let end = rest.find(|c: char| !ident(c)).unwrap_or(rest.len());
+        end > 0 && rest[end..].trim_start().starts_with('=')
+    }
+
+    #[test]
+    fn example_with_every_optional_line_uncommented_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let f = dir.path().join(name);
+            std::fs::write(&f, "x").unwrap();
+            f.display().to_string()
+        };
+        let (cert, key, ca) = (file("tls.crt"), file("tls.key"), file("ca.pem"));
+        // uncommented: every `# key = …` and `# [table]` line
+        let mut uncommented = 0;
+        let mut on = String::new();
+        for line in EXAMPLE.lines() {
+            match line.strip_prefix("# ") {
+                Some(rest) if is_key_line(rest) => {
+                    uncommented += 1;
+                    on.push_str(rest);
+                }
+                _ => on.push_str(line),
+            }
+            on.push('\n');
+        }
+        assert!(uncommented >= 15, "{uncommented} optional lines");
+        let on = on
+            .replace("/etc/keygate/tls.crt", &cert)
+            .replace("/etc/keygate/tls.key", &key)
+            .replace("/etc/keygate/upstream-ca.pem", &ca);
+        // store: exactly one of url / cluster / sentinel at a time
+        for target in ["url", "cluster", "sentinel"] {
+            let mut text = String::new();
+            let mut section = String::new();
+            for line in on.lines() {
+                if line.starts_with('[') {
+                    section = line.split(']').next().unwrap_or("").to_string();
+                }
+                let other_target = ["url", "cluster", "sentinel"]
+                    .iter()
+                    .any(|t| *t != target && line.starts_with(&format!("{t} = ")));
+                if section == "[store" && other_target {
+                    continue;
+                }
+                text.push_str(line);
+                text.push('\n');
+            }
+            let c = Config::from_toml_str(&text, &test_env)
+                .unwrap_or_else(|e| panic!("{target}: {e}\n---\n{text}"));
+            let tls = c.listen.tls.as_ref().expect("listen.tls");
+            assert_eq!(tls.cert.display().to_string(), cert);
+            assert!(c.upstream.authorization.is_some() && c.upstream.ca_file.is_some());
+            assert!(c.session.is_some());
+            assert!(c.keys.default_rate_limit.is_some());
+            let kind = match &c.store.backend {
+                StoreBackend::Redis(RedisTarget::Url(_)) => "url",
+                StoreBackend::Redis(RedisTarget::Cluster(_)) => "cluster",
+                StoreBackend::Redis(RedisTarget::Sentinel { .. }) => "sentinel",
+                StoreBackend::Memory => "memory",
+            };
+            assert_eq!(kind, target);
+            // every key the example sets is one keygate prints back
+            let rendered = c.to_redacted_toml();
+            for line in text
+                .lines()
+                .filter(|l| is_key_line(l) && !l.starts_with('['))
+            {
+                let k = line.split([' ', '=']).next().unwrap();
+                assert!(
+                    rendered.lines().any(|l| l.starts_with(&format!("{k} = "))),
+                    "{k} is not rendered:\n{rendered}"
+                );
+            }
+            assert_round_trip(
+                &text,
+                &test_env,
+                &[(
+                    "authorization = \"[redacted]\"",
+                    &format!("authorization = \"{SECRET}\""),
+                )],
+            );
+        }
     }
 }
