@@ -28,7 +28,7 @@ use keygate::config::{Config, RedisTarget, Secret, StoreBackend};
 use keygate::metrics::Metrics;
 
 fn config() -> Config {
-    Config::for_tests("bench", http::Uri::from_static("http://127.0.0.1:9"))
+    Config::new("bench", http::Uri::from_static("http://127.0.0.1:9"))
 }
 
 fn ctx() -> OpContext {

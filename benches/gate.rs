@@ -51,7 +51,7 @@ fn full(gate: &Gate, cache: &DashMap<KeyHash, u64>, parts: &Parts) -> Option<u64
 }
 
 fn benches(c: &mut Criterion) {
-    let config = Config::for_tests("acme", Uri::from_static("http://127.0.0.1:8080"));
+    let config = Config::new("acme", Uri::from_static("http://127.0.0.1:8080"));
     let gate = Gate::new(&config);
     let t = token::mint(PREFIX);
     let parts = typical(t.expose());

@@ -27,7 +27,7 @@ pub async fn run(port: u16) -> Result<(), Failure> {
         .map_err(|e| Failure::Operation(e.to_string()))?;
     tokio::spawn(echo_server(upstream));
 
-    let mut config = Config::for_tests(
+    let mut config = Config::new(
         "demo",
         format!("http://{upstream_addr}")
             .parse()

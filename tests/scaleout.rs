@@ -50,7 +50,7 @@ struct Instance {
 
 impl Instance {
     async fn start(slug: &str, up: &Upstream, target: RedisTarget) -> Instance {
-        let mut config = Config::for_tests(slug, up.url());
+        let mut config = Config::new(slug, up.url());
         config.log.access = false; // in-process: would write to the test's stdout
         config.store.backend = StoreBackend::Redis(target);
         config.store.timeout = STORE_TIMEOUT;

@@ -558,7 +558,7 @@ mod tests {
     use crate::config::Config;
 
     fn config() -> Config {
-        Config::for_tests("acme", http::Uri::from_static("http://127.0.0.1:9"))
+        Config::new("acme", http::Uri::from_static("http://127.0.0.1:9"))
     }
 
     fn ctx() -> OpContext {

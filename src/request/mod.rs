@@ -265,7 +265,7 @@ mod tests {
 
     #[test]
     fn from_config() {
-        let mut c = Config::for_tests("acme", Uri::from_static("http://127.0.0.1:1"));
+        let mut c = Config::new("acme", Uri::from_static("http://127.0.0.1:1"));
         c.tenant.extra_hosts = vec!["localhost".into(), "::1".into()];
         c.policy.deny_prefixes = vec!["/cp/admin".into(), "/internal".into()];
         let g = Gate::new(&c);

@@ -24,7 +24,7 @@ pub const HOST: &str = "acme.moleculesai.app";
 /// The access log is off: in-process it would write straight to the test
 /// binary's stdout (the built-binary tests in ops.rs/session.rs cover it).
 pub fn config(upstream: http::Uri) -> Config {
-    let mut c = Config::for_tests("acme", upstream);
+    let mut c = Config::new("acme", upstream);
     c.log.access = false;
     c
 }
