@@ -313,6 +313,58 @@ async fn every_script_works_after_the_script_cache_is_emptied() {
     );
 }
 
+/// The revoke script publishes after it has committed the revocation; a
+/// publication Redis refuses (here: an ACL user without channel rights) must
+/// not turn a committed revoke into an error (the caller would report a
+/// failure for a revoked key, and its retry would get "not found").
+#[tokio::test]
+async fn revoke_is_ok_when_its_publication_is_refused() {
+    let server = RedisServer::start();
+    let port = server.port();
+    redis_cli(
+        port,
+        &[
+            "ACL",
+            "SETUSER",
+            "kg",
+            "on",
+            ">pw",
+            "~*",
+            "resetchannels",
+            "+@all",
+        ],
+    );
+    let s = store_at(&format!("redis://kg:pw@127.0.0.1:{port}/0"), "acme");
+    let k = new_key("ci", Utc::now(), None);
+    mint(&s, &k).await;
+    let at = Utc::now();
+    assert_eq!(
+        s.revoke(&k.record.id, at, &audit("revoke", &k))
+            .await
+            .expect("a committed revoke is Ok"),
+        Some(k.hash)
+    );
+    assert_eq!(
+        s.lookup(&k.hash).await.unwrap().unwrap().revoked_at,
+        Some(at)
+    );
+    assert!(s.list_live().await.unwrap().is_empty());
+    let actions: Vec<String> = s
+        .audit(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.action)
+        .collect();
+    assert_eq!(actions, ["mint", "revoke"]);
+    assert_eq!(
+        s.revoke(&k.record.id, at, &audit("revoke", &k))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
 #[tokio::test]
 async fn revoke_reaches_another_instance_through_the_feed() {
     let server = RedisServer::start();

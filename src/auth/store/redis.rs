@@ -23,8 +23,14 @@
 //! (check the key is live, set `revoked_at`, `ZREM` live/expiry, `XADD` audit,
 //! publish the hash), so a revocation and its publication are atomic: no
 //! other keygate can observe the key revoked in Redis without the message
-//! having been published. `touch` is a script that only moves `last_used_at`
-//! forward on records that exist.
+//! having been published. The publication comes last and is `redis.pcall`ed:
+//! if Redis refuses it (e.g. an ACL without channel rights), the revocation
+//! stays committed and `revoke` still succeeds, with an error in the log (the
+//! script reports it). Other instances then learn of the revocation only from
+//! the store: within a second if their feed is down (it is when channel
+//! rights are missing, since the subscription is refused too), otherwise at
+//! their next re-check of the key (`auth.cache_ttl`). `touch` is a script that
+//! only moves `last_used_at` forward on records that exist.
 //!
 //! # Scripts and routing
 //!
@@ -159,6 +165,7 @@ const REVOKE_LUA: &str = r#"
 -- KEYS: 1 id index, 2 record, 3 live zset, 4 expiry zset, 5 audit stream, 6 channel
 -- ARGV: 1 id, 2 hash hex, 3 revoked_at, 4 now ms, 5 audit maxlen, 6 publish command,
 --       7..14 audit time actor action key_id prefix name client user_agent
+-- Returns false (no live key with that id) or {hash hex, published 1|0, publish error}.
 if redis.call('GET', KEYS[1]) ~= ARGV[2] then return false end
 if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then return false end
 local exp = redis.call('ZSCORE', KEYS[4], ARGV[1])
@@ -171,8 +178,14 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*',
   'time', ARGV[7], 'actor', ARGV[8], 'action', ARGV[9], 'key_id', ARGV[10],
   'prefix', ARGV[11], 'name', ARGV[12], 'client', ARGV[13], 'user_agent', ARGV[14])
-redis.call(ARGV[6], KEYS[6], ARGV[2])
-return ARGV[2]
+-- The revocation is committed above; a failed publication must not turn it
+-- into an error reply (the caller would report a failure for a revoked key,
+-- and a retry would find it already revoked), so it is reported instead.
+local published = redis.pcall(ARGV[6], KEYS[6], ARGV[2])
+if type(published) == 'table' and published.err then
+  return {ARGV[2], 0, published.err}
+end
+return {ARGV[2], 1, ''}
 "#;
 
 const TOUCH_LUA: &str = r#"
@@ -868,8 +881,18 @@ impl RedisStore {
         for a in audit_args(audit) {
             inv.arg(a);
         }
-        let revoked: Option<String> = self.eval(inv).await?;
-        Ok(revoked.map(|_| hash))
+        let revoked: Option<(String, i64, String)> = self.eval(inv).await?;
+        let Some((_, published, why)) = revoked else {
+            return Ok(None);
+        };
+        if published != 1 {
+            tracing::error!(
+                redis = %self.location,
+                error = %why,
+                "key revoked, but the revocation could not be published to other instances"
+            );
+        }
+        Ok(Some(hash))
     }
 
     pub async fn touch(&self, updates: &[(KeyHash, DateTime<Utc>)]) -> Result<(), StoreError> {
