@@ -3,7 +3,8 @@
 //! group; isolation, cross-instance revocation, one hash slot per tenant, and
 //! master failover (503 per `on_store_unavailable = "reject"` or success, never
 //! a revoked key accepted, never a hang; recovery without restarting keygate,
-//! revocation feed re-established).
+//! revocation feed re-established), and a restart of the tenant's master
+//! (every store call works again as soon as a mint does).
 //!
 //! Run: `cargo test --test scaleout` (needs `redis-server` and `redis-cli` on
 //! PATH: `apt-get install -y redis-server`; Redis >= 7 for sharded pub/sub).
@@ -19,6 +20,7 @@ use common::redis::{redis_cli, try_redis_cli, RedisCluster, SentinelGroup};
 use common::upstream::Upstream;
 use keygate::app::RunHandle;
 use keygate::auth::store::Store;
+use keygate::auth::token;
 use keygate::auth::{Actor, MintRequest, OpContext};
 use keygate::config::{Config, RedisTarget, Secret, StoreBackend};
 
@@ -46,6 +48,9 @@ const POLL: Duration = Duration::from_millis(20);
 struct Instance {
     slug: String,
     kg: RunHandle,
+    /// The store this instance runs on (the same connections), for the store
+    /// calls that have no HTTP route (audit, `last_used_at` write-behind).
+    store: Store,
 }
 
 impl Instance {
@@ -57,7 +62,8 @@ impl Instance {
         let store = Store::from_config(&config.store, slug).expect("store from config");
         Instance {
             slug: slug.to_string(),
-            kg: kg::start(config, store).await,
+            kg: kg::start(config, store.clone()).await,
+            store,
         }
     }
 
@@ -119,6 +125,14 @@ impl Instance {
 
     /// Mint over HTTP: `POST /org/tokens` authenticated by `with`.
     async fn mint_http(&self, with: &Key, name: &str) -> Key {
+        let r = self.try_mint_http(with, name).await;
+        assert_eq!(r.status, 200, "POST /org/tokens on {}: {r:?}", self.slug);
+        minted_key(&r)
+    }
+
+    /// `POST /org/tokens` authenticated by `with`, whatever the answer (bounded
+    /// like [`Instance::call`]).
+    async fn try_mint_http(&self, with: &Key, name: &str) -> RawResponse {
         let body = format!("{{\"name\":\"{name}\"}}");
         let req = format!(
             "POST /org/tokens HTTP/1.1\r\nHost: {}.moleculesai.app\r\n\
@@ -128,13 +142,15 @@ impl Instance {
             with.token,
             body.len()
         );
-        let r = kg::raw(self.kg.public_addr, req.as_bytes()).await;
-        assert_eq!(r.status, 200, "POST /org/tokens on {}: {r:?}", self.slug);
-        let j = r.json();
-        Key {
-            token: j["auth_token"].as_str().expect("auth_token").to_string(),
-            id: j["id"].as_str().expect("id").to_string(),
-        }
+        let bound = STORE_TIMEOUT + MARGIN;
+        tokio::time::timeout(bound, kg::raw(self.kg.public_addr, req.as_bytes()))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "POST /org/tokens on {}: no answer within {bound:?}",
+                    self.slug
+                )
+            })
     }
 
     /// `DELETE /org/tokens/{id}` authenticated by `with`; asserts 200.
@@ -189,6 +205,15 @@ impl Instance {
 struct Key {
     token: String,
     id: String,
+}
+
+/// The key of a 200 `POST /org/tokens` answer.
+fn minted_key(r: &RawResponse) -> Key {
+    let j = r.json();
+    Key {
+        token: j["auth_token"].as_str().expect("auth_token").to_string(),
+        id: j["id"].as_str().expect("id").to_string(),
+    }
 }
 
 fn assert_ok(r: &RawResponse, what: &str) {
@@ -563,6 +588,170 @@ async fn cluster_failover_of_the_tenant_shard() {
     a2.kg.stop().await;
     o.kg.stop().await;
     idle.kg.stop().await;
+}
+
+/// When the killed master of the tenant's shard is started again.
+#[derive(Debug, Clone, Copy)]
+enum Restart {
+    /// Right after the kill, as a supervisor would: usually before its
+    /// replica is promoted, so it usually comes back as the master.
+    AtOnce,
+    /// Once its replica has been promoted: it comes back as a replica.
+    AfterPromotion,
+}
+
+/// The tenant's master is killed (SIGKILL) and started again on its port with
+/// its `nodes.conf` and its saved data, so it rejoins the cluster (as master
+/// again or as a replica of the promoted node, depending on timing; both
+/// rounds run, and either outcome is accepted in each). As soon as a mint
+/// works through keygate, every other store call must work too: revoking a
+/// key minted before the kill and one minted after (and the revoked keys are
+/// then refused by every instance), listing, a look-up, the audit trail and
+/// the `last_used_at` write-behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_master_restart_every_store_call_works_once_a_mint_does() {
+    let mut cluster = tokio::task::block_in_place(|| RedisCluster::start_with_replicas(3));
+    let slot = tokio::task::block_in_place(|| tenant_slot(&cluster, "acme"));
+    let up = Upstream::start().await;
+    let target = || RedisTarget::Cluster(seeds(&cluster));
+    let a1 = Instance::start("acme", &up, target()).await;
+    let a2 = Instance::start("acme", &up, target()).await;
+    a1.wait_feed_live(RECOVERY_DEADLINE).await;
+    a2.wait_feed_live(RECOVERY_DEADLINE).await;
+    let admin = a1.mint("admin").await;
+    // Every script and command runs once before the first kill, so that
+    // whatever a connection caches (scripts, slots, links) is warm.
+    let warm = a1.mint_http(&admin, "warm-up").await;
+    assert_ok(&a2.get(&warm.token).await, "warm-up key on #2");
+    revoke_and_propagate(&a1, &a2, &warm).await;
+    a1.store
+        .touch(&[(token::hash(&admin.token), chrono::Utc::now())])
+        .await
+        .expect("touch before the kill");
+    a1.store.audit(None).await.expect("audit before the kill");
+
+    for how in [Restart::AtOnce, Restart::AfterPromotion] {
+        restart_round(&mut cluster, slot, &a1, &a2, &admin, how).await;
+    }
+
+    a1.kg.stop().await;
+    a2.kg.stop().await;
+}
+
+/// One kill and restart of the master of `slot` (see the test above).
+async fn restart_round(
+    cluster: &mut RedisCluster,
+    slot: u16,
+    a1: &Instance,
+    a2: &Instance,
+    admin: &Key,
+    how: Restart,
+) {
+    let master = wait_serving_master(cluster, slot).await;
+    let before = a1.mint_http(admin, "before-kill").await;
+    let uncached = a1.mint_http(admin, "uncached").await;
+    assert_ok(&a1.get(&before.token).await, "key on #1 before the kill");
+    assert_ok(&a2.get(&before.token).await, "key on #2 before the kill");
+    // The writes are on the replica and on the master's disk, so the data
+    // survives whichever of the two serves the slot afterwards.
+    tokio::task::block_in_place(|| {
+        let acked = redis_cli(master, &["WAIT", "1", "2000"]);
+        assert_eq!(acked.trim(), "1", "replica did not acknowledge the writes");
+        assert_eq!(redis_cli(master, &["SAVE"]).trim(), "OK");
+    });
+
+    let killed_at = Instant::now();
+    tokio::task::block_in_place(|| cluster.node_mut(master).kill());
+    if let Restart::AfterPromotion = how {
+        let promoted = wait_serving_master(cluster, slot).await;
+        assert_ne!(promoted, master, "slot {slot} served by the killed node");
+    }
+    tokio::task::block_in_place(|| cluster.node_mut(master).restart());
+    let restarted_at = Instant::now();
+
+    // Poll until a mint works through keygate (503 meanwhile: a master that
+    // restarts answers CLUSTERDOWN for its first 2 s, Redis's delay before a
+    // rebooted master takes writes again).
+    let after = loop {
+        let r = a1.try_mint_http(admin, "after-restart").await;
+        if r.status == 200 {
+            break minted_key(&r);
+        }
+        assert_ok_or_unavailable(&r, "POST /org/tokens after the restart");
+        assert!(
+            restarted_at.elapsed() < RECOVERY_DEADLINE,
+            "{how:?}: no mint within {RECOVERY_DEADLINE:?} of the restart: {r:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    let minted_after = restarted_at.elapsed();
+    let role = tokio::task::block_in_place(|| try_redis_cli(master, &["ROLE"]))
+        .and_then(|r| r.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+
+    // From here on, every store call must work at its first attempt.
+    a1.revoke(admin, &before.id).await;
+    a2.revoke(admin, &after.id).await;
+    for key in [&before, &after] {
+        assert_unauthorized(&a1.get(&key.token).await, "revoked key on #1");
+        a2.wait_status(&key.token, 401, PROPAGATION).await;
+        assert_unauthorized(&a2.get(&key.token).await, "revoked key on #2");
+    }
+    // A look-up of a key neither instance has seen since the restart.
+    assert_ok(&a2.get(&uncached.token).await, "uncached key on #2");
+    let r = a1.call("GET", "/org/tokens", Some(&admin.token)).await;
+    assert_ok(&r, "GET /org/tokens after the restart");
+    let ids: Vec<String> = r.json()["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(ids.contains(&uncached.id), "{ids:?}");
+    assert!(
+        !ids.contains(&before.id) && !ids.contains(&after.id),
+        "{ids:?}"
+    );
+    let audit = a2.store.audit(None).await.expect("audit after the restart");
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "revoke" && e.key_id == before.id),
+        "no audit entry for the revoke of {}",
+        before.id
+    );
+    let used_at = chrono::Utc::now();
+    a1.store
+        .touch(&[(token::hash(&uncached.token), used_at)])
+        .await
+        .expect("last_used_at write-behind after the restart");
+    let record = a1
+        .store
+        .lookup(&token::hash(&uncached.token))
+        .await
+        .expect("lookup after the restart")
+        .expect("record");
+    assert_eq!(record.last_used_at, Some(used_at));
+    println!(
+        "cluster restart {how:?}: :{master} back as {role}; first mint {minted_after:?} after \
+         the restart ({:?} after the kill), then revoke, list, lookup, audit, touch all worked",
+        killed_at.elapsed()
+    );
+}
+
+/// The port of the master serving `slot`, once every running node agrees.
+async fn wait_serving_master(cluster: &RedisCluster, slot: u16) -> u16 {
+    let started = Instant::now();
+    loop {
+        if let Some(p) = tokio::task::block_in_place(|| cluster.serving_master(slot)) {
+            return p;
+        }
+        assert!(
+            started.elapsed() < FAILOVER_DEADLINE,
+            "slot {slot} not served within {FAILOVER_DEADLINE:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -272,6 +272,99 @@ async fn revoke_succeeds_once() {
     assert_eq!(actions, ["mint", "revoke", "mint"]);
 }
 
+/// A Redis whose script cache was emptied (a restart, a promoted replica,
+/// `SCRIPT FLUSH`) answers `NOSCRIPT` to each script's first `EVALSHA`: every
+/// script (mint with its ceiling count, revoke, touch) still works at once.
+#[tokio::test]
+async fn every_script_works_after_the_script_cache_is_emptied() {
+    let server = RedisServer::start();
+    let s = store(&server, "acme");
+    let k = new_key("before", Utc::now(), None);
+    mint(&s, &k).await;
+    s.touch(&[(k.hash, Utc::now())]).await.unwrap();
+    assert_eq!(redis_cli(server.port(), &["SCRIPT", "FLUSH"]).trim(), "OK");
+
+    let fresh = new_key("after", Utc::now(), None);
+    let out = s
+        .mint(&fresh.hash, &fresh.record, Some(10), &audit("mint", &fresh))
+        .await
+        .expect("mint after SCRIPT FLUSH");
+    assert_eq!(out, MintOutcome::Minted { live: 2 });
+    redis_cli(server.port(), &["SCRIPT", "FLUSH"]);
+    let at = Utc::now();
+    assert_eq!(
+        s.revoke(&k.record.id, at, &audit("revoke", &k))
+            .await
+            .expect("revoke after SCRIPT FLUSH"),
+        Some(k.hash)
+    );
+    redis_cli(server.port(), &["SCRIPT", "FLUSH"]);
+    let used = Utc::now();
+    s.touch(&[(fresh.hash, used)])
+        .await
+        .expect("touch after SCRIPT FLUSH");
+    assert_eq!(
+        s.lookup(&fresh.hash).await.unwrap().unwrap().last_used_at,
+        Some(used)
+    );
+    assert_eq!(
+        s.lookup(&k.hash).await.unwrap().unwrap().revoked_at,
+        Some(at)
+    );
+}
+
+/// The revoke script publishes after it has committed the revocation; a
+/// publication Redis refuses (here: an ACL user without channel rights) must
+/// not turn a committed revoke into an error (the caller would report a
+/// failure for a revoked key, and its retry would get "not found").
+#[tokio::test]
+async fn revoke_is_ok_when_its_publication_is_refused() {
+    let server = RedisServer::start();
+    let port = server.port();
+    redis_cli(
+        port,
+        &[
+            "ACL",
+            "SETUSER",
+            "kg",
+            "on",
+            ">pw",
+            "~*",
+            "resetchannels",
+            "+@all",
+        ],
+    );
+    let s = store_at(&format!("redis://kg:pw@127.0.0.1:{port}/0"), "acme");
+    let k = new_key("ci", Utc::now(), None);
+    mint(&s, &k).await;
+    let at = Utc::now();
+    assert_eq!(
+        s.revoke(&k.record.id, at, &audit("revoke", &k))
+            .await
+            .expect("a committed revoke is Ok"),
+        Some(k.hash)
+    );
+    assert_eq!(
+        s.lookup(&k.hash).await.unwrap().unwrap().revoked_at,
+        Some(at)
+    );
+    assert!(s.list_live().await.unwrap().is_empty());
+    let actions: Vec<String> = s
+        .audit(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.action)
+        .collect();
+    assert_eq!(actions, ["mint", "revoke"]);
+    assert_eq!(
+        s.revoke(&k.record.id, at, &audit("revoke", &k))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
 #[tokio::test]
 async fn revoke_reaches_another_instance_through_the_feed() {
     let server = RedisServer::start();

@@ -149,6 +149,13 @@ impl Store {
     /// Atomically mark the live key `id` revoked, append the audit entry and
     /// publish the revocation on the feed. `Ok(None)`: no live key with that id
     /// (unknown, already revoked, or expired).
+    ///
+    /// `Ok(Some(_))` means the revocation is committed, even when its
+    /// publication failed: that failure is logged, not returned (an error
+    /// would report a failure for a revoked key, and a retry would get
+    /// `Ok(None)`). Other instances then refuse the key when they next
+    /// re-check it against the store (within a second while their feed is
+    /// down, else after `auth.cache_ttl`), not within the feed's bound.
     pub async fn revoke(
         &self,
         id: &str,

@@ -23,8 +23,33 @@
 //! (check the key is live, set `revoked_at`, `ZREM` live/expiry, `XADD` audit,
 //! publish the hash), so a revocation and its publication are atomic: no
 //! other keygate can observe the key revoked in Redis without the message
-//! having been published. `touch` is a script that only moves `last_used_at`
-//! forward on records that exist.
+//! having been published. The publication comes last and is `redis.pcall`ed:
+//! if Redis refuses it (e.g. an ACL without channel rights), the revocation
+//! stays committed and `revoke` still succeeds, with an error in the log (the
+//! script reports it). Other instances then learn of the revocation only from
+//! the store: within a second if their feed is down (it is when channel
+//! rights are missing, since the subscription is refused too), otherwise at
+//! their next re-check of the key (`auth.cache_ttl`). `touch` is a script that
+//! only moves `last_used_at` forward on records that exist.
+//!
+//! # Scripts and routing
+//!
+//! Every script runs through `RedisStore::eval`: `EVALSHA`, and on
+//! `NOSCRIPT` `EVAL` with the body (see `LuaCall::invoke` for why not the
+//! redis crate's `SCRIPT LOAD` fallback). Redis neither persists nor
+//! replicates its script cache, so every restart of the tenant's master and
+//! every promotion of a replica empties it; a new script needs nothing more
+//! than to be a `Lua` to survive that.
+//!
+//! Every command names a key of the tenant (the first key of a script, the
+//! key of a plain command), so a cluster client sends it to the tenant's
+//! shard alone and follows `MOVED`/`ASK` and waits out `TRYAGAIN`,
+//! `CLUSTERDOWN`, `LOADING` and `MASTERDOWN` by itself (redis 1.x retries
+//! those within its response timeout, which is `store.timeout`). Do not add
+//! a command without a key (`SCRIPT LOAD`, `PING`, `INFO`...) on a cluster:
+//! the cluster client fans it out to every node, which ties the tenant to
+//! other shards and, in redis 1.8, can leave the fan-out waiting for an
+//! unrelated wake-up of the connection.
 //!
 //! # Connections
 //!
@@ -74,8 +99,9 @@ use rds::cluster::ClusterClient;
 use rds::cluster_async::ClusterConnection;
 use rds::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use rds::{
-    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline,
-    PushKind, RedisError, RedisFuture, RedisResult, Script, Value,
+    AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
+    IntoConnectionInfo, Pipeline, PushKind, RedisError, RedisFuture, RedisResult, Script,
+    ServerErrorKind, ToRedisArgs, Value,
 };
 use tokio::sync::{mpsc, Mutex};
 
@@ -139,6 +165,7 @@ const REVOKE_LUA: &str = r#"
 -- KEYS: 1 id index, 2 record, 3 live zset, 4 expiry zset, 5 audit stream, 6 channel
 -- ARGV: 1 id, 2 hash hex, 3 revoked_at, 4 now ms, 5 audit maxlen, 6 publish command,
 --       7..14 audit time actor action key_id prefix name client user_agent
+-- Returns false (no live key with that id) or {hash hex, published 1|0, publish error}.
 if redis.call('GET', KEYS[1]) ~= ARGV[2] then return false end
 if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then return false end
 local exp = redis.call('ZSCORE', KEYS[4], ARGV[1])
@@ -151,8 +178,14 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*',
   'time', ARGV[7], 'actor', ARGV[8], 'action', ARGV[9], 'key_id', ARGV[10],
   'prefix', ARGV[11], 'name', ARGV[12], 'client', ARGV[13], 'user_agent', ARGV[14])
-redis.call(ARGV[6], KEYS[6], ARGV[2])
-return ARGV[2]
+-- The revocation is committed above; a failed publication must not turn it
+-- into an error reply (the caller would report a failure for a revoked key,
+-- and a retry would find it already revoked), so it is reported instead.
+local published = redis.pcall(ARGV[6], KEYS[6], ARGV[2])
+if type(published) == 'table' and published.err then
+  return {ARGV[2], 0, published.err}
+end
+return {ARGV[2], 1, ''}
 "#;
 
 const TOUCH_LUA: &str = r#"
@@ -166,6 +199,97 @@ for i, k in ipairs(KEYS) do
 end
 return #KEYS
 "#;
+
+/// One of the store's Lua scripts. Scripts run only through
+/// [`RedisStore::eval`], which is where the rule for a node that does not
+/// know the script lives, so a new script gets it by being a `Lua`.
+struct Lua {
+    body: &'static str,
+    /// SHA-1 hex of `body`, the name `EVALSHA` uses.
+    sha: String,
+}
+
+impl Lua {
+    fn new(body: &'static str) -> Lua {
+        Lua {
+            body,
+            sha: Script::new(body).get_hash().to_string(),
+        }
+    }
+
+    /// A call of this script; add its keys and arguments in order.
+    fn prepare(&self) -> LuaCall<'_> {
+        LuaCall {
+            lua: self,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+}
+
+/// The keys and arguments of one script call.
+struct LuaCall<'a> {
+    lua: &'a Lua,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl LuaCall<'_> {
+    fn key(&mut self, key: impl ToRedisArgs) -> &mut Self {
+        key.write_redis_args(&mut self.keys);
+        self
+    }
+
+    fn arg(&mut self, arg: impl ToRedisArgs) -> &mut Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    /// `EVALSHA <sha>`, or with `body` `EVAL <script>`, then the keys and
+    /// arguments. Both are routed alike on a cluster: by the first key, so to
+    /// the tenant's shard.
+    fn command(&self, body: bool) -> Cmd {
+        let mut cmd = if body {
+            let mut c = rds::cmd("EVAL");
+            c.arg(self.lua.body);
+            c
+        } else {
+            let mut c = rds::cmd("EVALSHA");
+            c.arg(&self.lua.sha);
+            c
+        };
+        cmd.arg(self.keys.len())
+            .arg(self.keys.as_slice())
+            .arg(self.args.as_slice());
+        cmd
+    }
+
+    /// `EVALSHA`; on `NOSCRIPT` (the node's script cache is empty: it
+    /// restarted, it is a replica promoted by a failover — Redis does not
+    /// replicate the script cache —, or `SCRIPT FLUSH`), `EVAL` with the
+    /// body on the same route, which runs the script and caches it on that
+    /// node. `NOSCRIPT` means nothing ran, so sending it again is safe.
+    ///
+    /// Not [`rds::Script::invoke_async`]: on `NOSCRIPT` it sends
+    /// `SCRIPT LOAD` and then `EVALSHA` again. `SCRIPT LOAD` has no key, so
+    /// the cluster client fans it out to every node it knows (all-nodes
+    /// route, every answer awaited), and in redis 1.8 the legs of a fan-out
+    /// are queued where the connection's task only looks when something else
+    /// wakes it (`dispatch_pending` drains them with `try_recv`; no waker is
+    /// registered). Right after a restart of the tenant's master that took
+    /// 180–480 ms instead of about 1 ms; with the default 250 ms
+    /// `store.timeout` the mint that paid it first got through, and the
+    /// revoke that followed (a list, a `GET`, then its own script, paying
+    /// it again) answered 503, as did the `last_used_at` write-behind.
+    async fn invoke<T: FromRedisValue>(&self, conn: &mut Conn) -> RedisResult<T> {
+        match self.command(false).query_async(conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.command(true).query_async(conn).await
+            }
+            other => other,
+        }
+    }
+}
 
 /// Key names of one tenant.
 struct Keys {
@@ -266,9 +390,9 @@ pub struct RedisStore {
     location: String,
     /// Passwords from the configured URLs, scrubbed from any error text.
     secrets: Vec<String>,
-    mint: Script,
-    revoke: Script,
-    touch: Script,
+    mint: Lua,
+    revoke: Lua,
+    touch: Lua,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -492,9 +616,9 @@ impl RedisStore {
             target,
             location,
             secrets,
-            mint: Script::new(MINT_LUA),
-            revoke: Script::new(REVOKE_LUA),
-            touch: Script::new(TOUCH_LUA),
+            mint: Lua::new(MINT_LUA),
+            revoke: Lua::new(REVOKE_LUA),
+            touch: Lua::new(TOUCH_LUA),
         })
     }
 
@@ -623,6 +747,12 @@ impl RedisStore {
         }
     }
 
+    /// Run a script call (see [`LuaCall::invoke`]), bounded like any call.
+    async fn eval<T: FromRedisValue>(&self, inv: LuaCall<'_>) -> Result<T, StoreError> {
+        self.call(|mut c| async move { inv.invoke(&mut c).await })
+            .await
+    }
+
     pub async fn lookup(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
         let key = self.keys.record(hash);
         let map: HashMap<String, String> = self
@@ -643,7 +773,7 @@ impl RedisStore {
     ) -> Result<MintOutcome, StoreError> {
         let hex = hash.to_hex();
         let now_ms = Utc::now().timestamp_millis();
-        let mut inv = self.mint.prepare_invoke();
+        let mut inv = self.mint.prepare();
         inv.key(self.keys.record_hex(&hex))
             .key(self.keys.id(&record.id))
             .key(self.keys.live())
@@ -671,9 +801,7 @@ impl RedisStore {
         for a in audit_args(audit) {
             inv.arg(a);
         }
-        let (minted, live): (i64, u64) = self
-            .call(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
+        let (minted, live): (i64, u64) = self.eval(inv).await?;
         Ok(if minted == 1 {
             MintOutcome::Minted { live }
         } else {
@@ -737,7 +865,7 @@ impl RedisStore {
                 "corrupt id index in redis: not a hash".into(),
             ));
         };
-        let mut inv = self.revoke.prepare_invoke();
+        let mut inv = self.revoke.prepare();
         inv.key(id_key)
             .key(self.keys.record_hex(&hex))
             .key(self.keys.live())
@@ -753,21 +881,27 @@ impl RedisStore {
         for a in audit_args(audit) {
             inv.arg(a);
         }
-        let revoked: Option<String> = self
-            .call(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
-        Ok(revoked.map(|_| hash))
+        let revoked: Option<(String, i64, String)> = self.eval(inv).await?;
+        let Some((_, published, why)) = revoked else {
+            return Ok(None);
+        };
+        if published != 1 {
+            tracing::error!(
+                redis = %self.location,
+                error = %why,
+                "key revoked, but the revocation could not be published to other instances"
+            );
+        }
+        Ok(Some(hash))
     }
 
     pub async fn touch(&self, updates: &[(KeyHash, DateTime<Utc>)]) -> Result<(), StoreError> {
         for chunk in updates.chunks(TOUCH_BATCH) {
-            let mut inv = self.touch.prepare_invoke();
+            let mut inv = self.touch.prepare();
             for (hash, at) in chunk {
                 inv.key(self.keys.record(hash)).arg(rfc3339(at));
             }
-            let _: i64 = self
-                .call(|mut c| async move { inv.invoke_async(&mut c).await })
-                .await?;
+            let _: i64 = self.eval(inv).await?;
         }
         Ok(())
     }
