@@ -75,9 +75,9 @@ pub fn serve(path: &Path) -> Result<(), Failure> {
         }
         let store = Store::from_config(&config.store, &config.tenant.slug)
             .map_err(|e| Failure::Config(vec![format!("store: {e}")]))?;
-        let listeners = crate::app::Listeners::bind(&config)
+        let listeners = crate::Listeners::bind(&config)
             .await
-            .map_err(|e| Failure::Operation(format!("cannot bind {e}")))?;
+            .map_err(|e| Failure::Operation(e.to_string()))?;
         let (trigger, signal) = crate::shutdown::channel();
         spawn_signal_handler(trigger);
         tracing::info!(
@@ -86,9 +86,9 @@ pub fn serve(path: &Path) -> Result<(), Failure> {
             tenant = %config.tenant.slug,
             "keygate serving"
         );
-        crate::app::run(config, store, listeners, signal)
+        crate::run(config, store, listeners, signal)
             .await
-            .map_err(Failure::Operation)?;
+            .map_err(|e| Failure::Operation(e.to_string()))?;
         tracing::info!("keygate stopped");
         Ok(())
     })

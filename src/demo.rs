@@ -46,16 +46,16 @@ pub async fn run(port: u16) -> Result<(), Failure> {
         .await
         .map_err(|e| Failure::Operation(format!("cannot bind the admin listener: {e}")))?;
     let store = Store::memory("demo");
-    let handle = crate::app::spawn(
+    let handle = crate::spawn(
         config,
         store,
-        crate::app::Listeners {
+        crate::Listeners {
             public,
             admin: Some(admin),
         },
     )
     .await
-    .map_err(Failure::Operation)?;
+    .map_err(|e| Failure::Operation(e.to_string()))?;
 
     let ctx = OpContext {
         actor: crate::auth::Actor(format!("cli:{}", crate::cli::os_user())),

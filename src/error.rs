@@ -1,9 +1,29 @@
 //! Every refusal keygate answers itself, in one place: status, the fixed
-//! client message, the metric label. The outer handler (`proxy::respond`)
-//! turns a [`Rejection`] into the JSON response, the log line and the metric;
-//! inner stages only return `Err(Rejection::…)`.
+//! client message, the metric label, whether the connection closes. The
+//! outer handler (`proxy::handle`) turns a [`Rejection`] into the JSON
+//! response, the log line and the metric; inner stages only return
+//! `Err(Rejection::…)`. Also the two error helpers every module shares:
+//! [`BoxError`] and [`ErrorChain`] (logs only, never a client).
 
 use http::StatusCode;
+
+/// A boxed error that can cross tasks.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Formats an error with its source chain (for logs only).
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
 
 /// Why keygate answered a request itself instead of forwarding it.
 ///
@@ -35,11 +55,19 @@ pub enum Rejection {
     Forbidden,
     /// A cookie-authenticated `POST`/`DELETE` on the keys API without a served `Origin`.
     CrossSiteOrigin,
+    /// A `Connection` header that names `Content-Length`, `Transfer-Encoding`
+    /// or `Host` (framing and routing are never hop-by-hop).
+    FramingInConnection,
+    /// A request head the byte-level scan could not judge (it lost track of
+    /// where messages begin): never served, the connection closes.
+    Unjudged,
+    /// The client's request body broke (malformed chunk, closed early).
+    BadBody,
+    /// The client's request body stopped arriving for `listen.body_timeout`.
+    BodyTimeout,
     /// An org key that is malformed, unknown, revoked, expired or another tenant's;
     /// or (with the `reject` policies) a missing/foreign credential.
     Unauthorized,
-    /// A keys-API caller with neither a valid key nor a verified session.
-    Unauthenticated,
     /// The key store could not answer in time and the key is not usable from cache.
     StoreUnavailable,
     /// The session verifier could not answer (keys API, cookie sessions).
@@ -58,8 +86,6 @@ pub enum Rejection {
     UpstreamUnreachable,
     /// The app did not send its response head within `upstream.timeout`.
     UpstreamTimeout,
-    /// The proxy is shutting down or otherwise cannot take the request.
-    Unavailable,
 }
 
 /// The `outcome` label of `keygate_requests_total`.
@@ -113,7 +139,11 @@ impl Rejection {
             | Rejection::BadFraming
             | Rejection::DuplicateAuthorization
             | Rejection::BadRequest(_)
+            | Rejection::FramingInConnection
+            | Rejection::Unjudged
+            | Rejection::BadBody
             | Rejection::AmbiguousPath => StatusCode::BAD_REQUEST,
+            Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::UriTooLong => StatusCode::URI_TOO_LONG,
             Rejection::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Rejection::MethodNotAllowed | Rejection::KeysMethodNotAllowed => {
@@ -121,10 +151,10 @@ impl Rejection {
             }
             Rejection::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             Rejection::Forbidden | Rejection::CrossSiteOrigin => StatusCode::FORBIDDEN,
-            Rejection::Unauthorized | Rejection::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Rejection::StoreUnavailable
-            | Rejection::SessionVerifierUnavailable
-            | Rejection::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Unauthorized => StatusCode::UNAUTHORIZED,
+            Rejection::StoreUnavailable | Rejection::SessionVerifierUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Rejection::TokenNotFound | Rejection::NotFound => StatusCode::NOT_FOUND,
             Rejection::MintCeiling => StatusCode::TOO_MANY_REQUESTS,
             Rejection::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -149,8 +179,13 @@ impl Rejection {
             Rejection::Misdirected => "misdirected request: host not served by this tenant",
             Rejection::Forbidden => "forbidden",
             Rejection::CrossSiteOrigin => "forbidden: cross-site request",
+            Rejection::FramingInConnection => {
+                "bad request: connection header names content-length, transfer-encoding or host"
+            }
+            Rejection::Unjudged => "bad request: invalid message framing",
+            Rejection::BadBody => "bad request: unreadable request body",
+            Rejection::BodyTimeout => "request timeout: the request body stopped arriving",
             Rejection::Unauthorized => "invalid or revoked org API key",
-            Rejection::Unauthenticated => "authentication required",
             Rejection::StoreUnavailable => "key store unavailable",
             Rejection::SessionVerifierUnavailable => "session verifier unavailable",
             Rejection::TokenNotFound => "token not found or already revoked",
@@ -159,7 +194,6 @@ impl Rejection {
             Rejection::PayloadTooLarge => "request body too large",
             Rejection::UpstreamUnreachable => "bad gateway: upstream unreachable",
             Rejection::UpstreamTimeout => "gateway timeout: upstream did not answer in time",
-            Rejection::Unavailable => "service unavailable",
         }
     }
 
@@ -174,17 +208,20 @@ impl Rejection {
             | Rejection::UriTooLong
             | Rejection::HeadersTooLarge
             | Rejection::MethodNotAllowed
+            | Rejection::FramingInConnection
+            | Rejection::Unjudged
+            | Rejection::BadBody
+            | Rejection::BodyTimeout
             | Rejection::PayloadTooLarge => Outcome::BadRequest,
             Rejection::Misdirected => Outcome::Misdirected,
             Rejection::Forbidden | Rejection::CrossSiteOrigin => Outcome::Forbidden,
-            Rejection::Unauthorized | Rejection::Unauthenticated => Outcome::Unauthorized,
+            Rejection::Unauthorized => Outcome::Unauthorized,
             Rejection::StoreUnavailable => Outcome::StoreUnavailable,
             Rejection::SessionVerifierUnavailable
             | Rejection::TokenNotFound
             | Rejection::NotFound
             | Rejection::KeysMethodNotAllowed
-            | Rejection::MintCeiling
-            | Rejection::Unavailable => Outcome::Answered,
+            | Rejection::MintCeiling => Outcome::Answered,
             Rejection::UpstreamUnreachable | Rejection::UpstreamTimeout => Outcome::UpstreamError,
         }
     }
@@ -194,7 +231,15 @@ impl Rejection {
     pub fn close_connection(self) -> bool {
         matches!(
             self,
-            Rejection::BadFraming | Rejection::HeadersTooLarge | Rejection::BadHost
+            Rejection::BadFraming
+                | Rejection::HeadersTooLarge
+                | Rejection::BadHost
+                | Rejection::FramingInConnection
+                | Rejection::Unjudged
+                | Rejection::BadBody
+                | Rejection::BodyTimeout
+                // CONNECT: what follows its head is not HTTP to keygate.
+                | Rejection::MethodNotAllowed
         )
     }
 

@@ -1,38 +1,29 @@
-//! Stage 6: forward to the app. Header hygiene happens here, in one pass over
-//! the request headers: hop-by-hop and `Connection`-named headers go, client
-//! copies of identity headers go (in every spelling an app framework may fold
-//! into the same name), then keygate's own headers are added — the
-//! principal header last, and only from a [`Principal`], so no code path can
-//! forward an org-key request without a successful check.
+//! Stage 6: forward to the app. Header hygiene happens here, in one pass
+//! over the request headers: hop-by-hop and `Connection`-named fields go,
+//! framing fields go (keygate computes the framing from the body it
+//! forwards: [`crate::h1::Framing`]), client copies of identity headers go
+//! (in every spelling an app framework may fold into the same name), then
+//! keygate's own fields are added — the principal header last, and only
+//! from a [`Principal`], so no code path can forward an org-key request
+//! without a successful check. The transport is [`crate::upstream`].
 
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
+use http::{Method, Response, Version};
+use http_body::Body;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use ipnet::IpNet;
 
 use crate::auth::Principal;
 use crate::config::Config;
-use crate::error::Rejection;
-use crate::link::{self, Link, LinkBody};
+use crate::error::{ErrorChain, Rejection};
+use crate::exchange::{ClientBody, ConnInfo, ProxyBody, X_REQUEST_ID};
+use crate::h1::{Asked, Framing, RequestHead};
 use crate::metrics::Metrics;
-use crate::shutdown::Tracker;
-
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::upstream::{Answer, AppConn, Exchange, Outbound as Sent, Upstream};
 
 /// Who the forwarded request is from, as far as the app is told.
 pub enum Identity {
@@ -40,181 +31,6 @@ pub enum Identity {
     OrgKey(Principal),
     /// Anonymous or a credential keygate does not own: forwarded untouched.
     Passthrough,
-}
-
-/// Per-connection facts the forwarder needs (computed once per connection).
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    /// The peer address as a header value (X-Forwarded-For).
-    pub peer_header: HeaderValue,
-    /// Whether the peer is in `listen.trusted_proxies`.
-    pub trusted: bool,
-    pub tls: bool,
-    /// This client connection's own keep-alive connection to the app, idle
-    /// between requests (HTTP/1 clients send one request at a time, so one
-    /// link serves them with no pool, no contention and no checkout).
-    upstream: link::Home,
-}
-
-/// Most client connections that hold their own link to the app at once;
-/// beyond it requests share the pooled client (so 10k idle clients do not
-/// mean 10k idle connections to the app).
-pub const MAX_OWN_LINKS: usize = 1024;
-
-impl ConnInfo {
-    /// The connection is parked: its idle link keeps its socket, not its buffer.
-    pub fn release_idle_buffers(&self) {
-        if let Some(link) = self.upstream.lock().ok().as_mut().and_then(|s| s.as_mut()) {
-            link.release_buffer();
-        }
-    }
-
-    pub fn new(peer: SocketAddr, trusted_proxies: &[IpNet], tls: bool) -> ConnInfo {
-        let ip = peer.ip().to_canonical();
-        let peer_header =
-            HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ConnInfo {
-            peer,
-            peer_header,
-            trusted: trusted_proxies.iter().any(|net| net.contains(&ip)),
-            tls,
-            upstream: link::Home::default(),
-        }
-    }
-}
-
-/// The body keygate sends back: its own small JSON, or the app's streamed
-/// body (from a connection's own link, or from the pooled client).
-pub enum ProxyBody {
-    Full(Option<Bytes>),
-    Link(LinkBody),
-    Upstream(Incoming),
-}
-
-impl ProxyBody {
-    pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-        ProxyBody::Full(Some(bytes.into()))
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Link(body) => Pin::new(body).poll_frame(cx),
-            ProxyBody::Upstream(inc) => Pin::new(inc)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(BoxError::from))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Full(b) => b.is_none(),
-            ProxyBody::Link(body) => body.is_end_stream(),
-            ProxyBody::Upstream(inc) => inc.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            ProxyBody::Full(None) => SizeHint::with_exact(0),
-            ProxyBody::Link(body) => body.size_hint(),
-            ProxyBody::Upstream(inc) => inc.size_hint(),
-        }
-    }
-}
-
-/// The client's request body on its way to the app: streamed as is, trailers
-/// dropped, bytes counted for the access log when it is on.
-pub struct RequestBody {
-    inner: Incoming,
-    counter: Option<Arc<AtomicU64>>,
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            // Trailers are always the last frame: dropping them ends the body.
-            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => Poll::Ready(None),
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(c), Some(d)) = (&self.counter, frame.data_ref()) {
-                    c.fetch_add(d.len() as u64, Ordering::Relaxed);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            other => other,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Request headers never forwarded: hop-by-hop (RFC 9110 §7.6.1 and the legacy
-/// ones), and `Expect` (keygate already answered `100-continue` when it read the body).
-fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-    )
-}
-
-/// Headers whose client copies are always dropped because keygate sets them or
-/// because apps trust them for routing/identity.
-const IDENTITY_HEADERS: &[&str] = &[
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-uri",
-    "x-forwarded-prefix",
-    "x-original-url",
-    "x-rewrite-url",
-];
-
-/// `a_b.C` → `a-b-c`: the spellings app frameworks fold into one header name
-/// (CGI/WSGI/Rack turn `-` and `_` into the same variable; some also `.`).
-fn folds_to(name: &[u8], target: &[u8]) -> bool {
-    name.len() == target.len()
-        && name.iter().zip(target).all(|(&a, &b)| {
-            let a = match a {
-                b'_' | b'.' => b'-',
-                c => c.to_ascii_lowercase(),
-            };
-            a == b
-        })
 }
 
 /// One admitted request on its way to the app.
@@ -232,17 +48,24 @@ pub struct Outbound<'a> {
     pub host: HeaderValue,
 }
 
+/// What the app answered.
+pub struct Forwarded {
+    pub response: Response<ProxyBody>,
+    /// A WebSocket upgrade the app accepted: relay it once the client's side
+    /// is handed over (the caller does, so it can log the tunnel's end).
+    pub tunnel: Option<Tunnel>,
+}
+
+/// Both sides of an accepted WebSocket upgrade.
+pub struct Tunnel {
+    pub client: hyper::upgrade::OnUpgrade,
+    pub app: AppConn,
+    /// The key that opened it: the tunnel closes when the key ends.
+    pub key: Option<Principal>,
+}
+
 pub struct Forwarder {
-    /// Pooled client: chunked uploads, HTTP/2 clients (multiplexed streams),
-    /// upgrades, an `https` app, and clients past [`MAX_OWN_LINKS`].
-    client: Client<Connector, RequestBody>,
-    /// What own links dial: the app over plain HTTP (`None` for `https`).
-    target: Option<link::Target>,
-    /// Own links in existence (see [`MAX_OWN_LINKS`]).
-    links: Arc<AtomicUsize>,
-    scheme: Scheme,
-    authority: Authority,
-    timeout: Duration,
+    upstream: Upstream,
     principal_header: HeaderName,
     /// `Bearer <upstream.authorization>`, marked sensitive.
     authorization: Option<HeaderValue>,
@@ -250,26 +73,6 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(config: &Config) -> Result<Forwarder, String> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.upstream.connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let tls = crate::tls::upstream_client_config(config.upstream.ca_file.as_deref())
-            .map_err(|e| format!("upstream.ca_file: {e}"))?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .set_host(false)
-            .build(connector);
-        let url = &config.upstream.url;
         let authorization = match &config.upstream.authorization {
             Some(secret) => {
                 let mut v = HeaderValue::from_str(&format!("Bearer {}", secret.expose()))
@@ -279,29 +82,16 @@ impl Forwarder {
             }
             None => None,
         };
-        let authority = url
-            .authority()
-            .cloned()
-            .ok_or_else(|| "upstream.url: missing host".to_string())?;
-        let scheme = url.scheme().cloned().unwrap_or(Scheme::HTTP);
-        let target = (scheme == Scheme::HTTP).then(|| link::Target {
-            addr: format!(
-                "{}:{}",
-                authority.host(),
-                authority.port_u16().unwrap_or(80)
-            ),
-            connect_timeout: config.upstream.connect_timeout,
-        });
         Ok(Forwarder {
-            client,
-            target,
-            links: Arc::default(),
-            scheme,
-            authority,
-            timeout: config.upstream.timeout,
+            upstream: Upstream::new(config)?,
             principal_header: config.auth.principal_header.clone(),
             authorization,
         })
+    }
+
+    /// The transport (for a new connection's home, and metrics).
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
     /// Forward one admitted request; returns the app's response (hop-by-hop
@@ -310,9 +100,8 @@ impl Forwarder {
         &self,
         out: Outbound<'_>,
         conn: &ConnInfo,
-        tunnels: &Tracker,
         metrics: &Metrics,
-    ) -> Result<Response<ProxyBody>, Rejection> {
+    ) -> Result<Forwarded, Rejection> {
         let Outbound {
             parts,
             body,
@@ -323,155 +112,127 @@ impl Forwarder {
             host,
         } = out;
         let websocket = client_upgrade.is_some();
-        let client_h2 = parts.version == Version::HTTP_2;
-        let own_headers = OwnHeaders {
+
+        // The framing is computed from the body keygate forwards, never
+        // taken from a client field.
+        let framing = if body.is_end_stream() {
+            match parts.method {
+                Method::POST | Method::PUT | Method::PATCH => Framing::Length(0),
+                _ => Framing::Empty,
+            }
+        } else {
+            match body.size_hint().exact() {
+                Some(n) => Framing::Length(n),
+                None => Framing::Chunked,
+            }
+        };
+        if websocket && framing != Framing::Empty {
+            // After a 101 the connection is a tunnel: a body would be in it.
+            return Err(Rejection::BadRequest(
+                "bad request: an upgrade request has a body",
+            ));
+        }
+
+        // Origin-form towards the app; an absolute-form target with an
+        // empty path (`http://host?q`) becomes `/?q`.
+        let target = match parts.uri.path_and_query() {
+            Some(pq) if pq.as_str().starts_with('/') => std::borrow::Cow::Borrowed(pq.as_str()),
+            Some(pq) => std::borrow::Cow::Owned(format!("/{}", pq.as_str())),
+            None => std::borrow::Cow::Borrowed("/"),
+        };
+        let mut head = RequestHead::new(&parts.method, &target);
+        let own = OwnHeaders {
             host: &host,
             request_id,
             websocket,
             identity: &identity,
         };
-
-        // Origin-form towards the app; an absolute-form target with an empty
-        // path (`http://host?q`) becomes `/?q`.
-        let path_and_query = match parts.uri.path_and_query() {
-            Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
-            Some(pq) => PathAndQuery::try_from(format!("/{}", pq.as_str()))
-                .map_err(|_| Rejection::BadTarget)?,
-            None => PathAndQuery::from_static("/"),
+        let mut refused = None;
+        self.forwarded_headers(&parts.headers, conn, &own, |name, value| {
+            if let Err(e) = head.header(name, value) {
+                refused.get_or_insert(e);
+            }
+        });
+        if let Some(e) = refused {
+            // forwarded_headers never yields a framing field: a bug, not a client error.
+            tracing::error!(error = %e, "refusing to forward a request head");
+            return Err(Rejection::UpstreamUnreachable);
+        }
+        let exchange = Exchange {
+            head: head.finish(framing),
+            framing,
+            body: (framing != Framing::Empty && framing != Framing::Length(0))
+                .then(|| ClientBody::new(body, bytes_in)),
+            asked: Asked {
+                head: parts.method == Method::HEAD,
+                upgrade: websocket,
+            },
+        };
+        let sent = Sent {
+            exchange,
+            idempotent: parts.method.is_idempotent(),
+            // HTTP/2 streams are concurrent, a tunnel never comes back: both
+            // use the shared pool. HTTP/1 requests use the connection's link.
+            home: (!websocket && parts.version != Version::HTTP_2).then(|| conn.home.clone()),
         };
 
         let started = Instant::now();
-        // An HTTP/1 client's request without a body or with a
-        // Content-Length goes over the connection's own link (link.rs);
-        // chunked uploads, HTTP/2, upgrades and an https app over the pool.
-        let bodyless = body.is_end_stream();
-        let sized = bodyless || body.size_hint().exact().is_some();
-        let own = match &self.target {
-            Some(target) if !websocket && !client_h2 && sized => {
-                self.lease_link(conn).map(|l| (l, target))
-            }
-            _ => None,
-        };
-        let result = match own {
-            Some((lease, target)) => {
-                let head = self.request_head(
-                    &parts.method,
-                    &path_and_query,
-                    &parts.headers,
-                    conn,
-                    &own_headers,
-                );
-                let req = link::Request {
-                    head: &head,
-                    head_method: parts.method == Method::HEAD,
-                    idempotent: parts.method.is_idempotent(),
-                    body: (!bodyless).then_some(RequestBody {
-                        inner: body,
-                        counter: bytes_in,
-                    }),
-                };
-                tokio::time::timeout(self.timeout, link::send(lease, target, &conn.upstream, req))
-                    .await
-                    .map(|r| {
-                        r.map(|resp| resp.map(ProxyBody::Link))
-                            .map_err(BoxError::from)
-                    })
-            }
-            None => {
-                let Ok(uri) = Uri::builder()
-                    .scheme(self.scheme.clone())
-                    .authority(self.authority.clone())
-                    .path_and_query(path_and_query)
-                    .build()
-                else {
-                    return Err(Rejection::BadTarget);
-                };
-                let mut headers = HeaderMap::with_capacity(parts.headers.len() + 8);
-                self.forwarded_headers(&parts.headers, conn, &own_headers, |name, value| {
-                    headers.append(name.clone(), value.clone());
-                });
-                let mut req = Request::new(RequestBody {
-                    inner: body,
-                    counter: bytes_in,
-                });
-                *req.method_mut() = parts.method;
-                *req.uri_mut() = uri;
-                *req.version_mut() = Version::HTTP_11;
-                *req.headers_mut() = headers;
-                tokio::time::timeout(self.timeout, async {
-                    self.client.request(req).await.map_err(BoxError::from)
-                })
-                .await
-                .map(|r| r.map(|resp| resp.map(ProxyBody::Upstream)))
-            }
-        };
+        let answer = self.upstream.send(sent).await;
         metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
-        let mut resp = match result {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(err)) => {
-                tracing::warn!(error = %ErrorChain(err.as_ref()), "upstream request failed");
-                return Err(Rejection::UpstreamUnreachable);
-            }
-            Err(_) => {
-                tracing::warn!(timeout = ?self.timeout, "upstream response head timed out");
-                return Err(Rejection::UpstreamTimeout);
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(err) => {
+                let rejection = err.rejection();
+                match rejection {
+                    Rejection::BadBody | Rejection::BodyTimeout => {
+                        tracing::info!(error = %ErrorChain(&err), "client request body failed")
+                    }
+                    _ => tracing::warn!(error = %ErrorChain(&err), "upstream request failed"),
+                }
+                return Err(rejection);
             }
         };
-
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let (Some(client_upgrade), ProxyBody::Upstream(_)) = (client_upgrade, resp.body()) {
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                let guard = tunnels.track();
-                tokio::spawn(async move {
-                    let _guard = guard;
-                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                        Ok((client, upstream)) => {
-                            let mut client = TokioIo::new(client);
-                            let mut upstream = TokioIo::new(upstream);
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                        }
-                        Err(err) => tracing::debug!(error = %err, "websocket upgrade failed"),
-                    }
-                });
+        match answer {
+            Answer::Response(resp) => {
                 let (mut parts, body) = resp.into_parts();
+                clean_response_headers(&mut parts.headers, false);
+                parts
+                    .headers
+                    .insert(X_REQUEST_ID.clone(), request_id.clone());
+                Ok(Forwarded {
+                    response: Response::from_parts(parts, ProxyBody::Upstream(body)),
+                    tunnel: None,
+                })
+            }
+            Answer::Upgrade(mut parts, app) => {
+                let Some(client) = client_upgrade else {
+                    // The codec refuses a 101 nobody asked for; never tunnel.
+                    return Err(Rejection::UpstreamUnreachable);
+                };
                 clean_response_headers(&mut parts.headers, true);
                 parts
                     .headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
-                return Ok(Response::from_parts(parts, body));
+                let key = match identity {
+                    Identity::OrgKey(p) => Some(p),
+                    Identity::Passthrough => None,
+                };
+                Ok(Forwarded {
+                    response: Response::from_parts(parts, ProxyBody::empty()),
+                    tunnel: Some(Tunnel { client, app, key }),
+                })
             }
-            // A 101 to a request that did not ask for a WebSocket: never tunnel.
-            tracing::warn!("upstream answered 101 to a request without an allowed upgrade");
-            return Err(Rejection::UpstreamUnreachable);
-        }
-
-        let headers = resp.headers_mut();
-        clean_response_headers(headers, false);
-        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-        Ok(resp)
-    }
-
-    /// This connection's idle link, or a new (not yet connected) one while
-    /// fewer than [`MAX_OWN_LINKS`] exist; `None`: use the pooled client.
-    fn lease_link(&self, conn: &ConnInfo) -> Option<Link> {
-        let parked = conn.upstream.lock().ok().and_then(|mut slot| slot.take());
-        match parked {
-            Some(mut link) => {
-                link.check_idle();
-                Some(link)
-            }
-            None => Link::lease(&self.links, MAX_OWN_LINKS),
         }
     }
 
-    /// The request headers the app receives, in one pass and without
+    /// The request fields the app receives, in one pass and without
     /// touching the client's map: the client's fields minus hop-by-hop and
-    /// `Connection`-named ones, client copies of identity headers (in every
-    /// spelling an app framework may fold into the same name) and the fields
-    /// keygate replaces; then keygate's own, the principal header last and
-    /// only from a [`Principal`].
+    /// `Connection`-named ones, framing fields, client copies of identity
+    /// headers (in every spelling an app framework may fold into the same
+    /// name) and the fields keygate replaces; then keygate's own, the
+    /// principal header last and only from a [`Principal`].
     fn forwarded_headers(
         &self,
         headers: &HeaderMap,
@@ -479,7 +240,8 @@ impl Forwarder {
         own: &OwnHeaders<'_>,
         mut emit: impl FnMut(&HeaderName, &HeaderValue),
     ) {
-        // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+        // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1);
+        // the gate refused a Connection naming a framing field or Host.
         let listed: Vec<&[u8]> = if headers.contains_key(header::CONNECTION) {
             connection_tokens(headers).collect()
         } else {
@@ -491,7 +253,10 @@ impl Forwarder {
         for (name, value) in headers {
             let s = name.as_str();
             if is_hop_by_hop(s)
-                || matches!(s, "expect" | "host" | "x-request-id")
+                || matches!(
+                    s,
+                    "content-length" | "transfer-encoding" | "expect" | "host" | "x-request-id"
+                )
                 || (org_key && s == "authorization")
             {
                 continue;
@@ -563,37 +328,53 @@ impl Forwarder {
             emit(&self.principal_header, principal.header_value());
         }
     }
+}
 
-    /// The request head as written to an own link: origin-form target, the
-    /// forwarded headers, `Content-Length: 0` where a body-less request of a
-    /// method that carries one would otherwise have no framing at all.
-    fn request_head(
-        &self,
-        method: &Method,
-        target: &PathAndQuery,
-        headers: &HeaderMap,
-        conn: &ConnInfo,
-        own: &OwnHeaders<'_>,
-    ) -> Vec<u8> {
-        let mut head = Vec::with_capacity(512);
-        head.extend_from_slice(method.as_str().as_bytes());
-        head.push(b' ');
-        head.extend_from_slice(target.as_str().as_bytes());
-        head.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut has_length = false;
-        self.forwarded_headers(headers, conn, own, |name, value| {
-            has_length |= name == header::CONTENT_LENGTH;
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        });
-        if !has_length && matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
-            head.extend_from_slice(b"content-length: 0\r\n");
-        }
-        head.extend_from_slice(b"\r\n");
-        head
-    }
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Fields never forwarded as received: hop-by-hop (RFC 9110 §7.6.1 and the
+/// legacy ones).
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
+
+/// Fields whose client copies are always dropped because keygate sets them
+/// or because apps trust them for routing/identity.
+const IDENTITY_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-uri",
+    "x-forwarded-prefix",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// `a_b.C` → `a-b-c`: the spellings app frameworks fold into one header name
+/// (CGI/WSGI/Rack turn `-` and `_` into the same variable; some also `.`).
+fn folds_to(name: &[u8], target: &[u8]) -> bool {
+    name.len() == target.len()
+        && name.iter().zip(target).all(|(&a, &b)| {
+            let a = match a {
+                b'_' | b'.' => b'-',
+                c => c.to_ascii_lowercase(),
+            };
+            a == b
+        })
 }
 
 /// What keygate adds to every forwarded request.
@@ -616,8 +397,9 @@ fn joined_cookies(headers: &HeaderMap) -> Option<HeaderValue> {
     HeaderValue::from_str(&joined).ok()
 }
 
-/// Remove hop-by-hop headers from the app's response (keeping Upgrade and
-/// Connection on a 101 that keygate tunnels).
+/// Remove hop-by-hop fields from the app's response (keeping Upgrade and
+/// Connection on a 101 that keygate tunnels). Framing fields are already
+/// gone (the codec took them: the framing towards the client is computed).
 pub fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
@@ -648,8 +430,8 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
 
 /// Whether a request asks for a WebSocket upgrade keygate may tunnel
 /// (HTTP/1.1 GET with `Upgrade: websocket` and `Connection: upgrade`).
-pub fn is_websocket_upgrade(parts_method: &Method, version: Version, headers: &HeaderMap) -> bool {
-    if parts_method != Method::GET || version != Version::HTTP_11 {
+pub fn is_websocket_upgrade(method: &Method, version: Version, headers: &HeaderMap) -> bool {
+    if method != Method::GET || version != Version::HTTP_11 {
         return false;
     }
     let upgrade_ws = headers
@@ -658,19 +440,4 @@ pub fn is_websocket_upgrade(parts_method: &Method, version: Version, headers: &H
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     let conn_upgrade = connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"));
     upgrade_ws && conn_upgrade
-}
-
-/// Formats an error with its source chain (for logs only).
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
-    }
 }

@@ -115,7 +115,9 @@ impl RequestHead {
                 push_number(&mut self.buf, n, 10);
                 self.buf.extend_from_slice(b"\r\n");
             }
-            Framing::Chunked => self.buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            Framing::Chunked => self
+                .buf
+                .extend_from_slice(b"transfer-encoding: chunked\r\n"),
         }
         self.buf.extend_from_slice(b"\r\n");
         self.buf
@@ -317,7 +319,9 @@ pub fn response_framing(
             .iter()
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
             .map(<[u8]>::trim_ascii);
-        let only_chunked = codings.next().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+        let only_chunked = codings
+            .next()
+            .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
             && codings.next().is_none();
         if !only_chunked || version != Version::HTTP_11 {
             return Err(H1Error::TransferCoding);
@@ -481,7 +485,9 @@ impl ChunkDecoder {
                 (S::SizeLf(n), b'\n') => S::Data(n),
                 (S::DataCr, b'\r') => S::DataLf,
                 (S::DataLf, b'\n') => S::Start,
-                (S::DataCr | S::DataLf, _) => return Err(H1Error::Chunk("chunk data overruns its size")),
+                (S::DataCr | S::DataLf, _) => {
+                    return Err(H1Error::Chunk("chunk data overruns its size"))
+                }
                 (S::TrailerStart, b'\r') => S::EndLf,
                 (S::TrailerStart | S::TrailerLine, b'\r' | b'\n') if b == b'\n' => {
                     return Err(H1Error::Chunk("bare LF in the trailer section"))
@@ -545,21 +551,38 @@ mod tests {
         h
     }
 
-    fn framing(pairs: &[(&str, &str)], v: Version, code: u16, head: bool) -> Result<(BodyKind, bool), H1Error> {
+    fn framing(
+        pairs: &[(&str, &str)],
+        v: Version,
+        code: u16,
+        head: bool,
+    ) -> Result<(BodyKind, bool), H1Error> {
         let mut h = headers(pairs);
-        response_framing(&mut h, v, code, Asked { head, upgrade: false })
+        response_framing(
+            &mut h,
+            v,
+            code,
+            Asked {
+                head,
+                upgrade: false,
+            },
+        )
     }
 
     #[test]
     fn request_heads_carry_computed_framing_only() {
         let mut h = RequestHead::new(&Method::POST, "/a?b");
-        h.header(&header::HOST, &HeaderValue::from_static("x")).unwrap();
+        h.header(&header::HOST, &HeaderValue::from_static("x"))
+            .unwrap();
         assert_eq!(
             h.header(&header::CONTENT_LENGTH, &HeaderValue::from_static("5")),
             Err(H1Error::FramingHeader("content-length"))
         );
         assert_eq!(
-            h.header(&header::TRANSFER_ENCODING, &HeaderValue::from_static("chunked")),
+            h.header(
+                &header::TRANSFER_ENCODING,
+                &HeaderValue::from_static("chunked")
+            ),
             Err(H1Error::FramingHeader("transfer-encoding"))
         );
         assert_eq!(
@@ -574,7 +597,9 @@ mod tests {
             b"PUT /u HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n".to_vec()
         );
         let h = RequestHead::new(&Method::POST, "/");
-        assert!(h.finish(Framing::Length(0)).ends_with(b"content-length: 0\r\n\r\n"));
+        assert!(h
+            .finish(Framing::Length(0))
+            .ends_with(b"content-length: 0\r\n\r\n"));
         let h = RequestHead::new(&Method::POST, "/");
         assert!(h
             .finish(Framing::Length(u64::MAX))
@@ -587,7 +612,10 @@ mod tests {
         encode_chunk(&mut out, b"hello world, 26 bytes long");
         encode_chunk(&mut out, b"");
         out.extend_from_slice(CHUNKED_END);
-        assert_eq!(out, b"1a\r\nhello world, 26 bytes long\r\n0\r\n\r\n".to_vec());
+        assert_eq!(
+            out,
+            b"1a\r\nhello world, 26 bytes long\r\n0\r\n\r\n".to_vec()
+        );
         let mut d = ChunkDecoder::new();
         let (used, found) = d.decode(&out).unwrap();
         assert_eq!(found, Decoded::Data(4..30));
@@ -599,20 +627,41 @@ mod tests {
     fn framing_follows_rfc9112() {
         let v11 = Version::HTTP_11;
         let cl = &[("content-length", "5")][..];
-        assert_eq!(framing(cl, v11, 200, false).unwrap(), (BodyKind::Length(5), true));
-        assert_eq!(framing(cl, v11, 200, true).unwrap(), (BodyKind::Empty, true));
-        assert_eq!(framing(cl, v11, 304, false).unwrap(), (BodyKind::Empty, true));
-        assert_eq!(framing(cl, v11, 204, false).unwrap(), (BodyKind::Empty, true));
+        assert_eq!(
+            framing(cl, v11, 200, false).unwrap(),
+            (BodyKind::Length(5), true)
+        );
+        assert_eq!(
+            framing(cl, v11, 200, true).unwrap(),
+            (BodyKind::Empty, true)
+        );
+        assert_eq!(
+            framing(cl, v11, 304, false).unwrap(),
+            (BodyKind::Empty, true)
+        );
+        assert_eq!(
+            framing(cl, v11, 204, false).unwrap(),
+            (BodyKind::Empty, true)
+        );
         assert_eq!(
             framing(cl, Version::HTTP_10, 200, false).unwrap(),
             (BodyKind::Length(5), false)
         );
         assert_eq!(
-            framing(&[("content-length", "5"), ("connection", "keep-alive")], Version::HTTP_10, 200, false).unwrap(),
+            framing(
+                &[("content-length", "5"), ("connection", "keep-alive")],
+                Version::HTTP_10,
+                200,
+                false
+            )
+            .unwrap(),
             (BodyKind::Length(5), true)
         );
         let same = &[("content-length", "5, 5"), ("content-length", "5")][..];
-        assert_eq!(framing(same, v11, 200, false).unwrap(), (BodyKind::Length(5), true));
+        assert_eq!(
+            framing(same, v11, 200, false).unwrap(),
+            (BodyKind::Length(5), true)
+        );
         for bad in ["5, 6", "+5", "-1", "0x5", "", "5 5", "99999999999999999999"] {
             assert_eq!(
                 framing(&[("content-length", bad)], v11, 200, false),
@@ -628,7 +677,14 @@ mod tests {
             framing(&[("transfer-encoding", "Chunked")], v11, 200, false).unwrap(),
             (BodyKind::Chunked, true)
         );
-        for bad in ["gzip, chunked", "chunked, gzip", "gzip", "chunked, chunked", "identity", ""] {
+        for bad in [
+            "gzip, chunked",
+            "chunked, gzip",
+            "gzip",
+            "chunked, chunked",
+            "identity",
+            "",
+        ] {
             assert_eq!(
                 framing(&[("transfer-encoding", bad)], v11, 200, false),
                 Err(H1Error::TransferCoding),
@@ -636,11 +692,24 @@ mod tests {
             );
         }
         assert_eq!(
-            framing(&[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")], v11, 200, false),
+            framing(
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked")
+                ],
+                v11,
+                200,
+                false
+            ),
             Err(H1Error::TransferCoding)
         );
         assert_eq!(
-            framing(&[("transfer-encoding", "chunked")], Version::HTTP_10, 200, false),
+            framing(
+                &[("transfer-encoding", "chunked")],
+                Version::HTTP_10,
+                200,
+                false
+            ),
             Err(H1Error::TransferCoding)
         );
         // CL + TE: chunked wins, the length goes, the connection is not reused.
@@ -649,15 +718,35 @@ mod tests {
             response_framing(&mut h, v11, 200, Asked::default()).unwrap(),
             (BodyKind::Chunked, false)
         );
-        assert!(h.get(header::CONTENT_LENGTH).is_none() && h.get(header::TRANSFER_ENCODING).is_none());
-        assert_eq!(framing(&[], v11, 200, false).unwrap(), (BodyKind::UntilClose, false));
+        assert!(
+            h.get(header::CONTENT_LENGTH).is_none() && h.get(header::TRANSFER_ENCODING).is_none()
+        );
         assert_eq!(
-            framing(&[("content-length", "0"), ("connection", "keep-alive, Close")], v11, 200, false).unwrap(),
+            framing(&[], v11, 200, false).unwrap(),
+            (BodyKind::UntilClose, false)
+        );
+        assert_eq!(
+            framing(
+                &[("content-length", "0"), ("connection", "keep-alive, Close")],
+                v11,
+                200,
+                false
+            )
+            .unwrap(),
             (BodyKind::Length(0), false)
         );
         // The length of a HEAD answer is information, kept; framing fields of bodies go.
         let mut h = headers(&[("content-length", "42")]);
-        response_framing(&mut h, v11, 200, Asked { head: true, upgrade: false }).unwrap();
+        response_framing(
+            &mut h,
+            v11,
+            200,
+            Asked {
+                head: true,
+                upgrade: false,
+            },
+        )
+        .unwrap();
         assert_eq!(h.get(header::CONTENT_LENGTH).unwrap(), "42");
         let mut h = headers(&[("content-length", "42")]);
         response_framing(&mut h, v11, 200, Asked::default()).unwrap();
@@ -675,15 +764,24 @@ mod tests {
         assert_eq!(head.parts.headers.get("x-a").unwrap(), "b");
         assert_eq!(&buf[..], b"okREST");
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
-        assert!(parse_response(&mut partial, Asked::default()).unwrap().is_none());
-        let mut upgrade = BytesMut::from(&b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"[..]);
+        assert!(parse_response(&mut partial, Asked::default())
+            .unwrap()
+            .is_none());
+        let mut upgrade =
+            BytesMut::from(&b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"[..]);
         assert_eq!(
             parse_response(&mut upgrade.clone(), Asked::default()).unwrap_err(),
             H1Error::Unexpected101
         );
-        let head = parse_response(&mut upgrade, Asked { head: false, upgrade: true })
-            .unwrap()
-            .unwrap();
+        let head = parse_response(
+            &mut upgrade,
+            Asked {
+                head: false,
+                upgrade: true,
+            },
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(head.body, BodyKind::Upgrade);
         for bad in [
             &b"HTTP/1.1 2000 OK\r\n\r\n"[..],
@@ -691,11 +789,17 @@ mod tests {
             b"HTTP/1.1 200 OK\r\n x: folded\r\n\r\n",
             b"HTTP/2.0 200 OK\r\n\r\n",
         ] {
-            assert!(parse_response(&mut BytesMut::from(bad), Asked::default()).is_err(), "{bad:?}");
+            assert!(
+                parse_response(&mut BytesMut::from(bad), Asked::default()).is_err(),
+                "{bad:?}"
+            );
         }
         let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
         huge.extend_from_slice(&vec![b'a'; MAX_RESPONSE_HEAD]);
-        assert_eq!(parse_response(&mut huge, Asked::default()).unwrap_err(), H1Error::HeadTooLarge);
+        assert_eq!(
+            parse_response(&mut huge, Asked::default()).unwrap_err(),
+            H1Error::HeadTooLarge
+        );
     }
 
     /// Decodes `input` fed in pieces of `step` bytes; the data and whether it ended.
@@ -737,7 +841,12 @@ mod tests {
         for (input, want) in good {
             for step in [1, 2, 3, 7, input.len()] {
                 let (data, ended, used) = decode_all(input, step).unwrap();
-                assert_eq!(&data, want, "{:?} step {step}", String::from_utf8_lossy(input));
+                assert_eq!(
+                    &data,
+                    want,
+                    "{:?} step {step}",
+                    String::from_utf8_lossy(input)
+                );
                 assert!(ended);
                 assert_eq!(used, input.len(), "everything consumed, nothing beyond");
             }
@@ -764,7 +873,11 @@ mod tests {
             b"ffffffffffffffff0\r\n",
         ];
         for input in bad {
-            assert!(decode_all(input, 100).is_err(), "{:?}", String::from_utf8_lossy(input));
+            assert!(
+                decode_all(input, 100).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
         let mut big = b"0\r\n".to_vec();
         big.extend(std::iter::repeat_n(b'a', MAX_TRAILERS + 1));

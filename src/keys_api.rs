@@ -15,8 +15,8 @@ use crate::app::App;
 use crate::auth::store::KeyRecord;
 use crate::auth::{Actor, MintError, MintRequest, Minted, OpContext};
 use crate::error::Rejection;
-use crate::forward::{ConnInfo, Identity, ProxyBody};
-use crate::proxy::json_response;
+use crate::exchange::{json_response, ConnInfo, ProxyBody};
+use crate::forward::Identity;
 use crate::request::KeysRoute;
 use crate::session::{self, Verdict};
 

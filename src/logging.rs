@@ -73,6 +73,8 @@ pub struct AccessLine<'a> {
     pub upstream_status: Option<u16>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// A WebSocket tunnel's line (written when it closes): why it ended.
+    pub tunnel_end: Option<&'a str>,
 }
 
 const ACCESS_FLUSH_BYTES: usize = 32 * 1024;
@@ -153,11 +155,15 @@ impl AccessLog {
                     }
                     None => line.push_str(",\"upstream_status\":null"),
                 }
-                let _ = writeln!(
+                let _ = write!(
                     line,
-                    ",\"bytes_in\":{},\"bytes_out\":{}}}",
+                    ",\"bytes_in\":{},\"bytes_out\":{}",
                     l.bytes_in, l.bytes_out
                 );
+                if let Some(end) = l.tunnel_end {
+                    let _ = write!(line, ",\"tunnel_end\":\"{end}\"");
+                }
+                line.push_str("}\n");
             }
             LogFormat::Text => {
                 let _ = writeln!(
@@ -176,6 +182,10 @@ impl AccessLog {
                     l.bytes_in,
                     l.bytes_out
                 );
+                if let Some(end) = l.tunnel_end {
+                    line.pop();
+                    let _ = writeln!(line, " tunnel_end={end}");
+                }
             }
         }
         st.bytes.extend_from_slice(line.as_bytes());
@@ -248,6 +258,7 @@ mod tests {
             upstream_status: Some(200),
             bytes_in: 3,
             bytes_out: 2,
+            tunnel_end: None,
         });
         let bytes = std::mem::take(&mut log.state.lock().unwrap().bytes);
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();

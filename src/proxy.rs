@@ -6,8 +6,9 @@
 //! 6.   [`forward`] to the app.
 //!
 //! [`handle`] is the outer function: it turns any [`Rejection`] into the JSON
-//! answer, records the metric and writes the access log line. The inner
-//! [`decide`] only uses `?`.
+//! answer ([`reject`]), records the metric, hands the access record back for
+//! the listener to write at body end, and starts an accepted WebSocket
+//! tunnel. The inner [`decide`] only uses `?`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,8 +24,10 @@ use crate::auth::credential::{self, Credential};
 use crate::auth::{token, AuthError};
 use crate::config::ForwardPolicy;
 use crate::error::{Outcome, Rejection};
-use crate::forward::{self, ConnInfo, Identity, ProxyBody, X_REQUEST_ID};
+use crate::exchange::{json_response, ConnInfo, ProxyBody};
+use crate::forward::{self, Identity, Tunnel};
 use crate::keys_api;
+use crate::listener::io::Judged;
 
 /// One access-log line, completed when the response body is done (so it can
 /// carry the bytes sent and the full duration), then written by
@@ -40,6 +43,8 @@ pub struct AccessRecord {
     key_id: Option<crate::auth::Principal>,
     upstream_status: Option<u16>,
     bytes_in: Arc<AtomicU64>,
+    /// Set for a WebSocket tunnel, whose line is written when it closes.
+    tunnel_end: Option<&'static str>,
     log: Arc<crate::logging::AccessLog>,
 }
 
@@ -57,6 +62,7 @@ impl AccessRecord {
             upstream_status: self.upstream_status,
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out,
+            tunnel_end: self.tunnel_end,
         });
     }
 }
@@ -68,10 +74,10 @@ pub async fn handle(
     app: Arc<App>,
     conn: Arc<ConnInfo>,
     mut req: Request<Incoming>,
-    refused: Option<Rejection>,
+    judged: Judged,
 ) -> (Response<ProxyBody>, Option<Box<AccessRecord>>) {
     let started = Instant::now();
-    let request_id = request_id(req.headers());
+    let request_id = crate::exchange::request_id(req.headers());
     let mut record = app.access_log.as_ref().map(|log| {
         Box::new(AccessRecord {
             log: log.clone(),
@@ -85,6 +91,7 @@ pub async fn handle(
             key_id: None,
             upstream_status: None,
             bytes_in: Arc::new(AtomicU64::new(0)),
+            tunnel_end: None,
         })
     });
     let client_upgrade =
@@ -100,12 +107,16 @@ pub async fn handle(
         &request_id,
         client_upgrade,
         record.as_deref_mut(),
-        refused,
+        judged,
     )
     .await;
-    let (outcome, response) = match decided {
-        Ok((outcome, resp)) => (outcome, resp),
-        Err(rejection) => (rejection.outcome(), app.reject(rejection, &request_id)),
+    let (outcome, response, tunnel) = match decided {
+        Ok(d) => (d.outcome, d.response, d.tunnel),
+        Err(rejection) => (
+            rejection.outcome(),
+            reject(&app, rejection, &request_id),
+            None,
+        ),
     };
     app.metrics.record_outcome(outcome);
     app.metrics
@@ -118,7 +129,71 @@ pub async fn handle(
             r.upstream_status = Some(r.status);
         }
     }
+    if let Some(tunnel) = tunnel {
+        // The tunnel's access line is written when it closes.
+        start_tunnel(&app, tunnel, record.take());
+    }
     (response, record)
+}
+
+/// Relays an accepted WebSocket upgrade once hyper hands over the client's
+/// side, until either side closes, it idles for `listen.idle_timeout`, or the
+/// key that opened it is revoked or expires (on any keygate sharing the store).
+fn start_tunnel(app: &Arc<App>, tunnel: Tunnel, record: Option<Box<AccessRecord>>) {
+    let Tunnel {
+        client,
+        app: upstream,
+        key,
+    } = tunnel;
+    let guard = app.tunnels.track();
+    let idle = app.config.listen.idle_timeout;
+    let ends: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match &key {
+        Some(p) => Box::pin(app.auth.key_ends(p)),
+        None => Box::pin(std::future::pending()),
+    };
+    tokio::spawn(async move {
+        let _guard = guard;
+        let client = match client.await {
+            Ok(client) => hyper_util::rt::TokioIo::new(client),
+            Err(err) => {
+                tracing::debug!(error = %err, "websocket upgrade failed");
+                return;
+            }
+        };
+        let relayed = crate::upstream::tunnel::relay(client, upstream, idle, ends).await;
+        if let Some(mut record) = record {
+            record
+                .bytes_in
+                .store(relayed.client_to_app, Ordering::Relaxed);
+            record.tunnel_end = Some(relayed.end.label());
+            record.emit(relayed.app_to_client);
+        }
+    });
+}
+
+/// The JSON answer for a refusal (status, fixed message, extra headers).
+pub fn reject(app: &App, rejection: Rejection, request_id: &HeaderValue) -> Response<ProxyBody> {
+    let body = serde_json::to_vec(&serde_json::json!({ "error": rejection.message() }))
+        .unwrap_or_default();
+    let mut resp = json_response(rejection.status(), Bytes::from(body), request_id);
+    let h = resp.headers_mut();
+    if rejection.wants_www_authenticate() {
+        h.insert(header::WWW_AUTHENTICATE, app.www_authenticate.clone());
+    }
+    if rejection.wants_retry_after() {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if rejection.close_connection() {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// What [`decide`] made of an admitted request.
+struct Decided {
+    outcome: Outcome,
+    response: Response<ProxyBody>,
+    tunnel: Option<Tunnel>,
 }
 
 async fn decide(
@@ -128,17 +203,19 @@ async fn decide(
     request_id: &HeaderValue,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     mut record: Option<&mut AccessRecord>,
-    scanned: Option<Rejection>,
-) -> Result<(Outcome, Response<ProxyBody>), Rejection> {
+    judged: Judged,
+) -> Result<Decided, Rejection> {
     let (parts, body) = req.into_parts();
 
-    // What the byte-level head scan saw that parsing hides (head_scan.rs):
-    // target and framing problems are step 1; a key followed by whitespace
-    // is a failed key, decided at step 4 below.
-    let key_malformed = match scanned {
-        Some(Rejection::Unauthorized) => true,
-        Some(rejection) => return Err(rejection),
-        None => false,
+    // What the byte-level head scan saw that parsing hides (listener::scan):
+    // a head it could not judge is never served; target and framing
+    // problems are step 1; a key followed by whitespace is a failed key,
+    // decided at step 4 below.
+    let key_malformed = match judged {
+        Judged::No => return Err(Rejection::Unjudged),
+        Judged::Yes(Some(Rejection::Unauthorized)) => true,
+        Judged::Yes(Some(rejection)) => return Err(rejection),
+        Judged::Yes(None) => false,
     };
 
     // Steps 1–3: target, Host, path. Pure; nothing reaches the app on refusal.
@@ -181,12 +258,17 @@ async fn decide(
 
     // Step 5: key management is answered here, never forwarded.
     if let Some(route) = &admitted.keys_route {
-        // Boxed: a rare path with a large future (see `handle`'s note on size).
+        // Boxed: a rare path with a large future (the common request's
+        // future should not reserve its space).
         let resp = Box::pin(keys_api::handle(
             app, conn, route, parts, body, identity, request_id,
         ))
         .await?;
-        return Ok((Outcome::Answered, resp));
+        return Ok(Decided {
+            outcome: Outcome::Answered,
+            response: resp,
+            tunnel: None,
+        });
     }
 
     // Step 6: forward.
@@ -199,53 +281,10 @@ async fn decide(
         bytes_in: record.map(|r| r.bytes_in.clone()),
         host: admitted.host,
     };
-    let resp = app
-        .forwarder
-        .forward(out, conn, &app.tunnels, &app.metrics)
-        .await?;
-    Ok((Outcome::Forwarded, resp))
-}
-
-/// The client's `X-Request-Id` when it is one sane value, else a new one.
-fn request_id(headers: &http::HeaderMap) -> HeaderValue {
-    let mut all = headers.get_all(&X_REQUEST_ID).iter();
-    if let (Some(v), None) = (all.next(), all.next()) {
-        let b = v.as_bytes();
-        if !b.is_empty()
-            && b.len() <= 128
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=@".contains(c))
-        {
-            return v.clone();
-        }
-    }
-    new_request_id()
-}
-
-fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let n: u128 = rand::random();
-    let mut id = [0u8; 32];
-    for (i, c) in id.iter_mut().enumerate() {
-        *c = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
-}
-
-/// Builds keygate's own JSON answers.
-pub fn json_response(
-    status: http::StatusCode,
-    body: Bytes,
-    request_id: &HeaderValue,
-) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(body));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(X_REQUEST_ID.clone(), request_id.clone());
-    resp
+    let forwarded = app.forwarder.forward(out, conn, &app.metrics).await?;
+    Ok(Decided {
+        outcome: Outcome::Forwarded,
+        response: forwarded.response,
+        tunnel: forwarded.tunnel,
+    })
 }

@@ -282,6 +282,40 @@ pub fn upstream_client_config(ca_file: Option<&Path>) -> Result<rustls::ClientCo
     Ok(config)
 }
 
+/// SIGHUP: reload the listener's certificate and key (a bad file keeps the
+/// old pair and logs why). Without `[listen.tls]` there is nothing to
+/// reload: it is logged and keygate keeps serving — SIGHUP never ends the
+/// process (an operator's `systemctl reload` must not take a tenant down).
+pub fn reload_on_sighup(tls: Option<Arc<TlsAcceptor>>, mut shutdown: crate::shutdown::Signal) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => hup,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install the SIGHUP handler; TLS reload disabled");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                got = hup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    match &tls {
+                        None => tracing::info!("SIGHUP: no [listen.tls] configured, nothing to reload"),
+                        Some(tls) => match tls.reload() {
+                            Ok(()) => tracing::info!("TLS certificate reloaded"),
+                            Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate"),
+                        },
+                    }
+                }
+                _ = shutdown.recv() => return,
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,10 +16,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::kg::{self, raw, read_response, Key, RawResponse, HOST};
 use common::upstream::{closed_port, Seen, Upstream};
-use keygate::app::RunHandle;
 use keygate::auth::store::Store;
 use keygate::auth::MintRequest;
 use keygate::config::{Config, ForwardPolicy};
+use keygate::RunHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -1918,7 +1918,7 @@ async fn connection_cannot_remove_headers_keygate_sets() {
         "GET",
         "/x",
         &format!(
-            "Connection: X-Forwarded-For, X-Forwarded-Host, X-Forwarded-Proto, X-Request-Id, Host\r\n\
+            "Connection: X-Forwarded-For, X-Forwarded-Host, X-Forwarded-Proto, X-Request-Id\r\n\
              X-Request-Id: rid-7\r\n{}",
             bearer(&key.token)
         ),
@@ -1943,6 +1943,39 @@ async fn connection_cannot_remove_headers_keygate_sets() {
         header_all(&seen, "x-molecule-principal"),
         vec![format!("org-key:{}", key.id)]
     );
+    env.kg.stop().await;
+}
+
+/// Framing and routing are never hop-by-hop: a `Connection` header naming
+/// `Content-Length`, `Transfer-Encoding` or `Host` is refused (the
+/// smuggling hole of dropping a Content-Length named in Connection).
+#[tokio::test]
+async fn connection_naming_framing_or_host_is_refused() {
+    let env = Env::start().await;
+    let before = env.up.count();
+    for named in [
+        "content-length",
+        "Content-Length",
+        "keep-alive, CONTENT-LENGTH",
+        "transfer-encoding",
+        "Host",
+        "close,host",
+    ] {
+        let body = "POST /cp/admin/delete-tenant HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
+        let bytes = format!(
+            "POST /harmless HTTP/1.1\r\nHost: {HOST}\r\nConnection: {named}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let r = env
+            .refused(
+                bytes.as_bytes(),
+                400,
+                Some("bad request: connection header names content-length, transfer-encoding or host"),
+            )
+            .await;
+        assert_eq!(r.header("connection").as_deref(), Some("close"), "{named}");
+    }
+    assert_eq!(env.up.count(), before, "the app saw nothing");
     env.kg.stop().await;
 }
 

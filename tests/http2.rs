@@ -17,8 +17,8 @@ use common::kg::{self, h2_client, h2_send, raw, Key, HOST};
 use common::upstream::Upstream;
 use http::{Method, Request};
 use http_body_util::Full;
-use keygate::app::RunHandle;
 use keygate::auth::store::Store;
+use keygate::RunHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

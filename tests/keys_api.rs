@@ -372,7 +372,6 @@ async fn keys_routes_are_never_forwarded() {
         "/org/tokens",
         "/org/tokens/",
         "/ORG/Tokens",
-        "//org/tokens",
         "/org//tokens",
         "/org/tokens?x=1",
         "/org/%74okens",
@@ -383,6 +382,17 @@ async fn keys_routes_are_never_forwarded() {
         let r = send(addr, "GET", target, &[], None).await;
         assert_eq!(r.status, 401, "anonymous GET {target}: {r:?}");
     }
+    // A leading `//` is never a keys route nor forwarded: 400 (contract §3 step 3).
+    let r = send(
+        addr,
+        "GET",
+        "//org/tokens",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 400, "GET //org/tokens: {r:?}");
+    assert_eq!(r.error(), "bad request: ambiguous path");
     for target in ["/org/tokens/a/b", "/org/tokens/a/", "/ORG/TOKENS/a/b/c"] {
         let r = send(addr, "GET", target, &[("Authorization", &auth)], None).await;
         assert_eq!(r.status, 404, "GET {target}: {r:?}");

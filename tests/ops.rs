@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use common::bin::{Serve, Served, BIN};
 use common::kg::{self, get, raw, Key, RawResponse, HOST};
 use common::upstream::Upstream;
-use keygate::app::RunHandle;
 use keygate::auth::store::Store;
+use keygate::RunHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use common::kg::{self, RawResponse};
 use common::redis::{redis_cli, try_redis_cli, RedisCluster, SentinelGroup};
 use common::upstream::Upstream;
-use keygate::app::RunHandle;
 use keygate::auth::store::Store;
 use keygate::auth::token;
 use keygate::auth::{Actor, MintRequest, OpContext};
 use keygate::config::{Config, RedisTarget, Secret, StoreBackend};
+use keygate::RunHandle;
 
 /// `store.timeout` of the instances under test: the contract's default.
 const STORE_TIMEOUT: Duration = Duration::from_millis(250);

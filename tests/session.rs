@@ -13,9 +13,9 @@ use common::kg::{self, bootstrap_key};
 use common::redis::RedisServer;
 use common::upstream::{closed_port, Upstream};
 use common::verify::Verify;
-use keygate::app::RunHandle;
 use keygate::auth::store::Store;
 use keygate::config::{Config, SessionConfig};
+use keygate::RunHandle;
 use serde_json::Value;
 use tokio::net::TcpListener;
 

@@ -260,7 +260,7 @@ async fn h2_get(
 // ---------------------------------------------------------------------------
 
 struct TlsKg {
-    kg: keygate::app::RunHandle,
+    kg: keygate::RunHandle,
     up: Upstream,
     ca: Ca,
     _files: Files,

@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 
 use cache::{Cache, Flights, Probe};
 pub use principal::Principal;
@@ -107,6 +107,8 @@ struct Inner {
     max_live: u32,
     unknown_lookups: Semaphore,
     touches: Mutex<HashMap<KeyHash, DateTime<Utc>>>,
+    /// What open tunnels listen to (see [`Authenticator::key_ends`]).
+    events: broadcast::Sender<KeyEvent>,
     /// Revocations applied in the last minute, so that
     /// `keygate_revocations_total` counts each once although a revoke served
     /// here also comes back on the feed (in either order).
@@ -188,6 +190,62 @@ impl Authenticator {
     pub fn feed_live(&self) -> bool {
         self.keys.inner.cache.feed_live()
     }
+
+    /// Resolves when the key behind `principal` stops being valid: revoked
+    /// (here or, through the feed, on any keygate sharing the store — the
+    /// same bound as a request), or past its `expires_at`. A lost or
+    /// reconnected feed, or a listener that fell behind, re-checks the key
+    /// as a request would. For tunnels opened with the key (contract §4).
+    pub fn key_ends(&self, principal: &Principal) -> impl Future<Output = ()> + Send + 'static {
+        let inner = self.keys.inner.clone();
+        let hash = *principal.hash();
+        let expires_at = principal.expires_at();
+        let mut events = inner.events.subscribe();
+        async move {
+            let expired = async {
+                match expires_at {
+                    Some(at) => {
+                        let left = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                        tokio::time::sleep(left).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let revoked = async {
+                loop {
+                    let recheck = match events.recv().await {
+                        Ok(KeyEvent::Revoked(h)) if h == hash => return,
+                        Ok(KeyEvent::Revoked(_)) => false,
+                        Ok(KeyEvent::Recheck) | Err(broadcast::error::RecvError::Lagged(_)) => true,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await;
+                            false
+                        }
+                    };
+                    // A store outage is not the key's end: only a clear "invalid".
+                    if recheck && matches!(inner.authenticate(hash).await, Err(AuthError::Invalid))
+                    {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = expired => {}
+                _ = revoked => {}
+            }
+        }
+    }
+}
+
+/// How many key events a slow tunnel may fall behind before it re-checks.
+const KEY_EVENTS: usize = 1024;
+
+/// What happened to keys, for the tunnels they opened.
+#[derive(Debug, Clone, Copy)]
+enum KeyEvent {
+    Revoked(KeyHash),
+    /// The feed was lost or came back: revocations may have been missed.
+    Recheck,
 }
 
 impl Inner {
@@ -210,6 +268,7 @@ impl Inner {
             max_live: config.keys.max_live,
             unknown_lookups: Semaphore::new(MAX_UNKNOWN_LOOKUPS),
             touches: Mutex::new(HashMap::new()),
+            events: broadcast::channel(KEY_EVENTS).0,
             applied_revocations: Mutex::new(HashMap::new()),
         }
     }
@@ -305,7 +364,7 @@ impl Inner {
                 return Fetched::Invalid;
             }
         };
-        let principal = Principal::new(&record.id, &record.prefix);
+        let principal = Principal::of(hash, &record.id, &record.prefix, record.expires_at);
         let expiry = record.expires_at.map(|e| cache::Expiry {
             left: (e - wall_at_snapshot).to_std().unwrap_or(Duration::ZERO),
             at: e,
@@ -322,6 +381,7 @@ impl Inner {
     /// A revocation served here or learned from the feed.
     fn apply_revocation(&self, hash: &KeyHash) {
         self.cache.revoke(hash);
+        let _ = self.events.send(KeyEvent::Revoked(*hash));
         self.update_size();
         let first = {
             let mut applied = lock(&self.applied_revocations);
@@ -343,10 +403,12 @@ impl Inner {
                     tracing::warn!("revocation feed lost: cached keys are re-checked");
                 }
                 self.cache.feed_lost();
+                let _ = self.events.send(KeyEvent::Recheck);
             }
             FeedEvent::Connected => {
                 tracing::info!("revocation feed connected");
                 self.cache.feed_connected();
+                let _ = self.events.send(KeyEvent::Recheck);
             }
         }
     }

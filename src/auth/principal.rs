@@ -6,26 +6,53 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use http::HeaderValue;
+
+use super::token::KeyHash;
 
 #[derive(Clone)]
 pub struct Principal(Arc<Inner>);
 
 struct Inner {
+    hash: KeyHash,
     key_id: Box<str>,
     prefix: Box<str>,
+    expires_at: Option<DateTime<Utc>>,
     header: HeaderValue,
 }
 
 impl Principal {
+    #[cfg(test)]
     pub(crate) fn new(key_id: &str, prefix: &str) -> Principal {
+        Principal::of(KeyHash([0; 32]), key_id, prefix, None)
+    }
+
+    /// The proof for the key whose token hashes to `hash`.
+    pub(crate) fn of(
+        hash: KeyHash,
+        key_id: &str,
+        prefix: &str,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Principal {
         let header = HeaderValue::from_str(&format!("org-key:{key_id}"))
             .unwrap_or_else(|_| HeaderValue::from_static("org-key:invalid"));
         Principal(Arc::new(Inner {
+            hash,
             key_id: key_id.into(),
             prefix: prefix.into(),
+            expires_at,
             header,
         }))
+    }
+
+    /// SHA-256 of the token (what revocations name).
+    pub(crate) fn hash(&self) -> &KeyHash {
+        &self.0.hash
+    }
+
+    pub fn expires_at(&self) -> Option<DateTime<Utc>> {
+        self.0.expires_at
     }
     pub fn key_id(&self) -> &str {
         &self.0.key_id

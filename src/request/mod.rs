@@ -6,8 +6,9 @@
 //!
 //! 0. `CONNECT` → 405; message framing (`Content-Length` with
 //!    `Transfer-Encoding`, a `Transfer-Encoding` other than one `chunked`,
-//!    any `Transfer-Encoding` in HTTP/1.0 or HTTP/2) → 400; a target (path +
-//!    query) over [`MAX_TARGET_LEN`] → 414;
+//!    any `Transfer-Encoding` in HTTP/1.0 or HTTP/2, a `Connection` header
+//!    naming `Content-Length`, `Transfer-Encoding` or `Host`) → 400; a
+//!    target (path + query) over [`MAX_TARGET_LEN`] → 414;
 //! 1. [`target`]: origin-form, or HTTP/1.1 absolute-form naming the Host → 400;
 //! 2. [`host`]: exactly one Host / a consistent `:authority` → 400; served → 421;
 //! 3. [`path`]: strict rules → 400; deny prefixes on the matching view → 403;
@@ -90,6 +91,7 @@ impl Gate {
             return Err(Rejection::MethodNotAllowed);
         }
         check_framing(parts)?;
+        check_connection(parts)?;
         check_head_size(parts)?;
         let target_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
         if target_len > MAX_TARGET_LEN {
@@ -143,6 +145,24 @@ fn check_head_size(parts: &Parts) -> Result<(), Rejection> {
     }
     if size > MAX_HEAD_BYTES {
         return Err(Rejection::HeadersTooLarge);
+    }
+    Ok(())
+}
+
+/// A `Connection` header naming `Content-Length`, `Transfer-Encoding` or
+/// `Host` → 400: those fields frame and route the message; no client may
+/// declare them hop-by-hop (the smuggling hole of naming `Content-Length`).
+fn check_connection(parts: &Parts) -> Result<(), Rejection> {
+    for value in parts.headers.get_all(http::header::CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"content-length")
+                || token.eq_ignore_ascii_case(b"transfer-encoding")
+                || token.eq_ignore_ascii_case(b"host")
+            {
+                return Err(Rejection::FramingInConnection);
+            }
+        }
     }
     Ok(())
 }

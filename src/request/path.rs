@@ -18,6 +18,9 @@
 //! `/cpx/admin` and `/api/cp/admin` pass. Other escapes (`%20`, `%2B`, …) stay
 //! encoded in the view (lower-cased).
 //!
+//! A path that starts with `//` and is not refused by a deny prefix is 400
+//! too: URL parsers read `//x/cp/admin` as host `x`, path `/cp/admin`.
+//!
 //! A path that passes is forwarded byte for byte as received: nothing here
 //! rewrites it.
 //!
@@ -52,6 +55,11 @@ pub fn check<S: AsRef<str>>(
         .any(|p| view_starts_with(path, p.as_ref().as_bytes()))
     {
         return Err(Rejection::Forbidden);
+    }
+    // `//x/cp/admin` is a network-path reference to URL parsers such as
+    // `new URL(path, base)` (host `x`, path `/cp/admin`): never forwarded.
+    if path.starts_with("//") {
+        return Err(Rejection::AmbiguousPath);
     }
     Ok(keys_route(path))
 }
@@ -359,7 +367,6 @@ mod tests {
     fn passes() {
         for p in [
             "/",
-            "//",
             "/a",
             "/api/v1/things",
             "/API/V1/Things",
@@ -419,6 +426,29 @@ mod tests {
         ] {
             let want = if p == "/cp/admin" { Deny } else { Pass };
             assert_eq!(outcome(p, DENY), want, "path {p:?}");
+        }
+    }
+
+    #[test]
+    fn leading_double_slash_is_ambiguous_unless_denied() {
+        for p in [
+            "//",
+            "//x",
+            "//x/cp/admin",
+            "//a/b",
+            "///a",
+            "//org/tokens",
+            "//%61",
+        ] {
+            assert_eq!(check(p, DENY), Err(Rejection::AmbiguousPath), "{p:?}");
+        }
+        for p in [
+            "//cp/admin",
+            "//CP/Admin",
+            "///cp///admin",
+            "//cp/admin.json",
+        ] {
+            assert_eq!(check(p, DENY), Err(Rejection::Forbidden), "{p:?}");
         }
     }
 
@@ -624,7 +654,8 @@ mod tests {
         k!("/org/tokens", Some(Collection));
         k!("/org/tokens/", Some(Collection));
         k!("/org/tokens//", Some(Collection));
-        k!("//org//tokens", Some(Collection));
+        // A leading `//` is a network-path reference to URL parsers: 400.
+        assert_eq!(check("//org//tokens", DENY), Err(Rejection::AmbiguousPath));
         k!("/ORG/Tokens", Some(Collection));
         k!("/org/%74okens", Some(Collection));
         k!("/org/tokens/abc123", Some(Item("abc123".into())));
@@ -905,9 +936,12 @@ mod tests {
                 match matching_view(&p) {
                     Ok(view) => {
                         let is_denied = DENY.iter().any(|d| view.starts_with(d));
-                        prop_assert_eq!(check(&p, DENY).is_err(), is_denied);
+                        let network_path = p.starts_with("//");
+                        prop_assert_eq!(check(&p, DENY).is_err(), is_denied || network_path);
                         if is_denied {
                             prop_assert_eq!(check(&p, DENY), Err(Rejection::Forbidden));
+                        } else if network_path {
+                            prop_assert_eq!(check(&p, DENY), Err(Rejection::AmbiguousPath));
                         }
                         let again = matching_view(&view).unwrap();
                         prop_assert_eq!(again.as_ref(), view.as_ref());

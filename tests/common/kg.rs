@@ -8,10 +8,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keygate::app::{Listeners, RunHandle};
 use keygate::auth::store::Store;
 use keygate::auth::{Actor, MintRequest, OpContext};
 use keygate::config::{Config, RedisTarget, Secret, StoreBackend};
+use keygate::{Listeners, RunHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -54,7 +54,7 @@ pub async fn start_live(c: &Config) -> RunHandle {
 pub async fn start(config: Config, store: Store) -> RunHandle {
     let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    keygate::app::spawn(
+    keygate::spawn(
         config,
         store,
         Listeners {
