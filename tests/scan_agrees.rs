@@ -77,7 +77,11 @@ enum Framing {
     None,
     Length,
     DoubleLength,
-    Chunked { sizes: Vec<usize>, ext: bool, trailer: bool },
+    Chunked {
+        sizes: Vec<usize>,
+        ext: bool,
+        trailer: bool,
+    },
 }
 
 fn framing() -> impl Strategy<Value = Framing> {
@@ -85,8 +89,16 @@ fn framing() -> impl Strategy<Value = Framing> {
         Just(Framing::None),
         Just(Framing::Length),
         Just(Framing::DoubleLength),
-        (prop::collection::vec(1usize..40, 0..4), any::<bool>(), any::<bool>())
-            .prop_map(|(sizes, ext, trailer)| Framing::Chunked { sizes, ext, trailer }),
+        (
+            prop::collection::vec(1usize..40, 0..4),
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(|(sizes, ext, trailer)| Framing::Chunked {
+                sizes,
+                ext,
+                trailer
+            }),
     ]
 }
 
@@ -117,16 +129,26 @@ fn one_request() -> impl Strategy<Value = Vec<u8>> {
             match &framing {
                 Framing::None => r.extend_from_slice(b"\r\n"),
                 Framing::Length => {
-                    r.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+                    r.extend_from_slice(
+                        format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes(),
+                    );
                     r.extend_from_slice(&body);
                 }
                 Framing::DoubleLength => {
                     r.extend_from_slice(
-                        format!("Content-Length: {0}\r\ncontent-length: {0}\r\n\r\n", body.len()).as_bytes(),
+                        format!(
+                            "Content-Length: {0}\r\ncontent-length: {0}\r\n\r\n",
+                            body.len()
+                        )
+                        .as_bytes(),
                     );
                     r.extend_from_slice(&body);
                 }
-                Framing::Chunked { sizes, ext, trailer } => {
+                Framing::Chunked {
+                    sizes,
+                    ext,
+                    trailer,
+                } => {
                     r.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
                     let mut at = 0;
                     for &n in sizes {
@@ -215,7 +237,10 @@ fn the_property_can_fail() {
     let stream = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
                    5\r\nGET /\r\n0\r\n\r\nGET /real HTTP/1.1\r\n\r\n"
         .to_vec();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let parsed = rt.block_on(hyper_heads(stream.clone()));
     let (verdicts, lost) = scan_heads(&stream, 7);
     assert_eq!(parsed.len(), 2);
