@@ -14,6 +14,7 @@
 //! [`origin_allowed`] is the cross-site guard for cookie-authenticated
 //! `POST`/`DELETE`: the `Origin` must name a served host (contract §3 step 2).
 
+use crate::error::ErrorChain;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
@@ -181,7 +182,7 @@ impl SessionVerifier {
             .client
             .request(req)
             .await
-            .map_err(|e| SessionError::Request(error_chain(&e)))?;
+            .map_err(|e| SessionError::Request(ErrorChain(&e).to_string()))?;
         match resp.status() {
             StatusCode::OK => {}
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Ok(Verdict::NotMember),
@@ -190,7 +191,7 @@ impl SessionVerifier {
         let body = Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|e| SessionError::BadResponse(format!("reading body: {}", error_chain(&*e))))?
+            .map_err(|e| SessionError::BadResponse(format!("reading body: {}", ErrorChain(&*e))))?
             .to_bytes();
         parse_member(&body).map(|user_id| Verdict::Member { user_id })
     }
@@ -257,17 +258,6 @@ fn parse_member(body: &[u8]) -> Result<String, SessionError> {
         ));
     }
     Ok(user_id)
-}
-
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        msg.push_str(": ");
-        msg.push_str(&e.to_string());
-        source = e.source();
-    }
-    msg
 }
 
 /// The value of the cookie called `name` (exact, case-sensitive match) across
