@@ -31,7 +31,7 @@
 //!   `100 Continue` first.
 //!
 //! Every property runs on both upstream paths: the connection's own link
-//! (default config) and the shared pool ([`pool_path`]).
+//! (default config) and the shared pool (`common::paths::pool_path`).
 //!
 //! **Reproducing a failure.** Each property prints its seed (shown by the
 //! test harness on failure, and in the panic message). One command replays
@@ -49,6 +49,7 @@ use std::time::Duration;
 
 use common::h1_client::{self, End, Reader, Response};
 use common::kg::{self, Key, HOST};
+use common::paths::{self, Route};
 use common::strict_upstream::{Recorded, StrictUpstream};
 use common::wire::{self, Framing};
 use keygate::app::RunHandle;
@@ -72,30 +73,8 @@ const PRINCIPAL: &str = "x-molecule-principal";
 
 // ---- the two upstream paths ------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    /// The default config: a client connection's own link to the app.
-    Link,
-    /// Every request through the shared pool ([`pool_path`]).
-    Pool,
-}
-
-/// Every request through the shared pool instead of a connection's own link.
-fn pool_path(c: &mut Config) {
-    // TODO(lead): `c.upstream.own_links = 0;` — the lead is adding
-    // `upstream.own_links` (usize; 0 = every request through the shared
-    // pool). Until that field exists this leaves the default config, so the
-    // `pool` tests take the link path too (the current code already pools
-    // chunked uploads, upgrades and HTTP/2).
-    let _ = c;
-}
-
 fn route_config(route: Route, up: &StrictUpstream) -> Config {
-    let mut c = kg::config(up.url());
-    if route == Route::Pool {
-        pool_path(&mut c);
-    }
-    c
+    paths::on(route, kg::config(up.url()))
 }
 
 // ---- generated streams -----------------------------------------------------------
@@ -2040,28 +2019,6 @@ async fn double_slash_paths(route: Route) {
     }
     raw.kg.stop().await;
     assert!(failures.is_empty(), "{route:?}:\n{}", failures.join("\n"));
-}
-
-/// One `#[tokio::test]` per path for each raw case: `link::<case>`, `pool::<case>`.
-macro_rules! on_both_paths {
-    ($($case:ident),* $(,)?) => {
-        mod link {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Route::Link).await
-                }
-            )*
-        }
-        mod pool {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Route::Pool).await
-                }
-            )*
-        }
-    };
 }
 
 on_both_paths!(
