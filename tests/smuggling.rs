@@ -36,8 +36,9 @@
 //! **Reproducing a failure.** Each property prints its seed (shown by the
 //! test harness on failure, and in the panic message). One command replays
 //! it: `PROPTEST_RNG_SEED=<seed> cargo test --test smuggling <test name>`.
-//! Failing cases are also persisted in `tests/smuggling.regressions` and
-//! replayed first on every run. Case counts: `SMUGGLING_CASES` (per property,
+//! Failing cases are also persisted, per property, under
+//! `tests/smuggling-regressions/` and replayed first on every run (commit
+//! them: they are the cases a fix must pass). Case counts: `SMUGGLING_CASES` (per property,
 //! default below); the soak test (`cargo test --test smuggling -- --ignored`)
 //! runs `SMUGGLING_SOAK_CASES` (default 5000) per property and path.
 //! `PROPTEST_MAX_SHRINK_ITERS` / `PROPTEST_MAX_SHRINK_TIME` bound shrinking.
@@ -65,7 +66,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Streams per property and path in the ordinary run.
-const DEFAULT_CASES: u32 = 300;
+const DEFAULT_CASES: u32 = 500;
 /// A stream's responses must all be in (or the connection closed) by then.
 const STREAM_DEADLINE: Duration = Duration::from_secs(8);
 
@@ -1355,7 +1356,7 @@ fn env_u32(name: &str) -> Option<u32> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-fn run_property(name: &str, route: Route, clean: bool, cases: u32) {
+fn run_property(name: &str, persisted: &'static str, route: Route, clean: bool, cases: u32) {
     let env = Env::new(route);
     let mut config = PtConfig::default();
     if std::env::var("PROPTEST_CASES").is_err() {
@@ -1368,7 +1369,7 @@ fn run_property(name: &str, route: Route, clean: bool, cases: u32) {
         config.max_shrink_time = 60_000;
     }
     config.source_file = Some(file!());
-    config.failure_persistence = Some(Box::new(FileFailurePersistence::WithSource("regressions")));
+    config.failure_persistence = Some(Box::new(FileFailurePersistence::Direct(persisted)));
     let seed = match config.rng_seed {
         RngSeed::Fixed(seed) => seed,
         RngSeed::Random => {
@@ -1379,7 +1380,8 @@ fn run_property(name: &str, route: Route, clean: bool, cases: u32) {
         }
     };
     config.rng_seed = RngSeed::Fixed(seed);
-    let reproduce = format!("PROPTEST_RNG_SEED={seed} cargo test --test smuggling {name}");
+    let ignored = if name == "soak" { " -- --ignored" } else { "" };
+    let reproduce = format!("PROPTEST_RNG_SEED={seed} cargo test --test smuggling {name}{ignored}");
     eprintln!(
         "{name}: {} cases; reproduce with: {reproduce}",
         config.cases
@@ -1466,6 +1468,7 @@ fn cases() -> u32 {
 fn clean_streams_are_forwarded_whole_over_the_link() {
     run_property(
         "clean_streams_are_forwarded_whole_over_the_link",
+        "tests/smuggling-regressions/clean_link.txt",
         Route::Link,
         true,
         cases(),
@@ -1476,6 +1479,7 @@ fn clean_streams_are_forwarded_whole_over_the_link() {
 fn clean_streams_are_forwarded_whole_over_the_pool() {
     run_property(
         "clean_streams_are_forwarded_whole_over_the_pool",
+        "tests/smuggling-regressions/clean_pool.txt",
         Route::Pool,
         true,
         cases(),
@@ -1486,6 +1490,7 @@ fn clean_streams_are_forwarded_whole_over_the_pool() {
 fn mixed_streams_never_smuggle_over_the_link() {
     run_property(
         "mixed_streams_never_smuggle_over_the_link",
+        "tests/smuggling-regressions/mixed_link.txt",
         Route::Link,
         false,
         cases(),
@@ -1496,6 +1501,7 @@ fn mixed_streams_never_smuggle_over_the_link() {
 fn mixed_streams_never_smuggle_over_the_pool() {
     run_property(
         "mixed_streams_never_smuggle_over_the_pool",
+        "tests/smuggling-regressions/mixed_pool.txt",
         Route::Pool,
         false,
         cases(),
@@ -1506,13 +1512,33 @@ fn mixed_streams_never_smuggle_over_the_pool() {
 #[ignore = "soak: cargo test --test smuggling -- --ignored (SMUGGLING_SOAK_CASES per property and path)"]
 fn soak() {
     let n = env_u32("SMUGGLING_SOAK_CASES").unwrap_or(5000);
-    for (name, route, clean) in [
-        ("soak clean link", Route::Link, true),
-        ("soak clean pool", Route::Pool, true),
-        ("soak mixed link", Route::Link, false),
-        ("soak mixed pool", Route::Pool, false),
+    for (name, persisted, route, clean) in [
+        (
+            "soak",
+            "tests/smuggling-regressions/clean_link.txt",
+            Route::Link,
+            true,
+        ),
+        (
+            "soak",
+            "tests/smuggling-regressions/clean_pool.txt",
+            Route::Pool,
+            true,
+        ),
+        (
+            "soak",
+            "tests/smuggling-regressions/mixed_link.txt",
+            Route::Link,
+            false,
+        ),
+        (
+            "soak",
+            "tests/smuggling-regressions/mixed_pool.txt",
+            Route::Pool,
+            false,
+        ),
     ] {
-        run_property(name, route, clean, n);
+        run_property(name, persisted, route, clean, n);
     }
 }
 
