@@ -16,9 +16,9 @@ use common::kg::{self, HOST};
 use common::paths::{self, Route};
 use common::scripted_upstream::{write, ScriptedApp, Step};
 use common::wire::Framing;
-use keygate::app::RunHandle;
 use keygate::auth::store::Store;
 use keygate::config::Config;
+use keygate::RunHandle;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -316,12 +316,7 @@ async fn a_stalled_body_is_aborted_after_read_timeout(route: Route) {
             Step::Stall,
         ],
         |c| {
-            // TODO(read_timeout): uncomment once `UpstreamConfig` has the
-            // field (another developer is adding `upstream.read_timeout`):
-            // c.upstream.read_timeout = Duration::from_millis(300);
-            // Until then keygate has no read timeout, and this case fails at
-            // its 5 s bound.
-            let _ = c;
+            c.upstream.read_timeout = Duration::from_millis(300);
         },
     )
     .await;

@@ -75,8 +75,8 @@ pub async fn serve<IO>(
             let app = app.clone();
             let info = info.clone();
             let guard = InflightGuard::new(state.clone());
-            let judged = match protocol {
-                Protocol::Http2 => Judged::Yes(None),
+            let (judged, last) = match protocol {
+                Protocol::Http2 => (Judged::Yes(None), false),
                 Protocol::Http1 => guard.state().take_verdict(req.method(), req.uri()),
             };
             // Boxed per request: hyper keeps the service future inline in
@@ -86,7 +86,7 @@ pub async fn serve<IO>(
                 let (mut resp, record) = crate::proxy::handle(app, info, req, judged).await;
                 if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                     guard.state().mark_upgraded();
-                } else if guard.state().is_lost() {
+                } else if last {
                     // The scan cannot tell where the next head begins.
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));

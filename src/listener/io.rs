@@ -49,13 +49,21 @@ pub struct ConnState {
     /// Set once a request was answered with 101: from then on only the idle
     /// rule applies, and nothing more is scanned.
     upgraded: AtomicBool,
-    /// The scan's verdicts, in head order, until their requests arrive.
-    verdicts: Mutex<VecDeque<Verdict>>,
+    /// The scan's verdicts, in head order, until their requests arrive;
+    /// [`Entry::Lost`] where the scan lost track of the stream.
+    verdicts: Mutex<VecDeque<Entry>>,
     /// The scan lost track of the stream: every later head is unjudged.
     lost: AtomicBool,
     /// The read side's waker while a request is in flight, so the idle timer
     /// is armed as soon as the last response is done.
     read_waker: Mutex<Option<Waker>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    Verdict(Verdict),
+    /// The scan lost track here: nothing after is judged.
+    Lost,
 }
 
 /// What the connection knows about a parsed request's head.
@@ -114,39 +122,53 @@ impl ConnState {
             && self.head_started_ms.load(Ordering::Acquire) == NONE
     }
 
-    /// The scan lost track of the stream: close after the current response.
-    pub fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
-    }
-
     pub fn mark_upgraded(&self) {
         self.upgraded.store(true, Ordering::Release);
     }
 
-    /// The verdict for the next parsed request: the oldest one, when its
-    /// fingerprint is this request's; else the request is unjudged.
-    pub fn take_verdict(&self, method: &http::Method, uri: &http::Uri) -> Judged {
-        let front = lock(&self.verdicts).pop_front();
-        match front {
-            Some(v) if v.fingerprint == parsed_fingerprint(method, uri) => Judged::Yes(v.refusal),
-            Some(_) => {
+    /// The verdict for the next parsed request (the oldest one, when its
+    /// fingerprint is this request's; else the request is unjudged), and
+    /// whether the connection must close after its response: the scan
+    /// cannot tell where the head after it begins.
+    pub fn take_verdict(&self, method: &http::Method, uri: &http::Uri) -> (Judged, bool) {
+        let mut q = lock(&self.verdicts);
+        match q.pop_front() {
+            Some(Entry::Verdict(v)) if v.fingerprint == parsed_fingerprint(method, uri) => {
+                let last = matches!(q.front(), Some(Entry::Lost));
+                (Judged::Yes(v.refusal), last)
+            }
+            Some(Entry::Verdict(_)) => {
                 // Out of step with the parser: nothing after this is trusted.
                 self.lost.store(true, Ordering::Release);
-                Judged::No
+                q.clear();
+                q.push_back(Entry::Lost);
+                (Judged::No, true)
             }
-            None => Judged::No,
+            Some(Entry::Lost) => {
+                q.push_front(Entry::Lost);
+                (Judged::No, true)
+            }
+            None => (Judged::No, true),
         }
     }
 
     fn push_verdict(&self, v: Verdict) {
         let mut q = lock(&self.verdicts);
-        if q.len() >= MAX_VERDICTS {
-            self.lost.store(true, Ordering::Release);
-            q.clear();
+        if self.lost.load(Ordering::Acquire) {
             return;
         }
-        if !self.lost.load(Ordering::Acquire) {
-            q.push_back(v);
+        if q.len() >= MAX_VERDICTS {
+            q.push_back(Entry::Lost);
+            self.lost.store(true, Ordering::Release);
+            return;
+        }
+        q.push_back(Entry::Verdict(v));
+    }
+
+    /// The scan lost track of the stream after the verdicts pushed so far.
+    fn push_lost(&self) {
+        if !self.lost.swap(true, Ordering::AcqRel) {
+            lock(&self.verdicts).push_back(Entry::Lost);
         }
     }
 }
@@ -241,7 +263,7 @@ impl<T> ConnIo<T> {
         let was = scan.in_head();
         scan.feed(bytes, &mut |v| state.push_verdict(v));
         if scan.is_lost() {
-            state.lost.store(true, Ordering::Release);
+            state.push_lost();
         }
         let is = scan.in_head();
         if is && (!was || state.head_started_ms.load(Ordering::Acquire) == NONE) {

@@ -1,4 +1,4 @@
-//! Start keygate in-process through `keygate::app::spawn` on 127.0.0.1:0, and
+//! Start keygate in-process through `keygate::spawn` on 127.0.0.1:0, and
 //! talk to it with raw bytes (HTTP/1.1) or hyper's HTTP/2 client.
 #![allow(dead_code)]
 

@@ -14,12 +14,8 @@ pub enum Route {
 
 /// Every request through the shared pool instead of a connection's own link.
 pub fn pool_path(c: &mut Config) {
-    // TODO(lead): `c.upstream.own_links = 0;` — the lead is adding
-    // `upstream.own_links` (usize; 0 = every request through the shared
-    // pool). Until that field exists this leaves the default config, so the
-    // `pool` tests take the link path too (the current code already pools
-    // chunked uploads, upgrades and HTTP/2).
-    let _ = c;
+    // 0: no client connection keeps a link of its own.
+    c.upstream.own_links = 0;
 }
 
 /// `c` set up for `route`.
