@@ -4,8 +4,8 @@
 //! the local cache and the store, and yields a [`Principal`] — the proof that
 //! `forward` requires for a key-authenticated request.
 //!
-//! OWNER: cache helper (this file, cache.rs, principal.rs); store helper
-//! (store/); gate helper (credential.rs, token.rs).
+//! [`KeyService`] (keys.rs) is the key lifecycle — mint, list, revoke, audit —
+//! shared by `/org/tokens` and the `keygate keys` CLI.
 //!
 //! # Bounds on store calls
 //!
@@ -39,6 +39,7 @@
 
 pub mod cache;
 pub mod credential;
+mod keys;
 pub mod principal;
 pub mod store;
 pub mod token;
@@ -52,9 +53,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 
 use cache::{Cache, Flights, Probe};
+pub use keys::{Actor, KeyService, MintError, MintRequest, Minted, OpContext};
 pub use principal::Principal;
-use store::{AuditEntry, FeedEvent, KeyRecord, MintOutcome, Store, StoreError};
-use token::{KeyHash, Token};
+use store::{FeedEvent, Store, StoreError};
+use token::KeyHash;
 
 use crate::config::{Config, OutagePolicy};
 use crate::metrics::Metrics;
@@ -466,154 +468,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Who performs a key operation: `org-key:<prefix>`, `session:<user_id>`, `cli:<os user>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Actor(pub String);
-
-/// Context of a key operation for the audit trail.
-#[derive(Debug, Clone)]
-pub struct OpContext {
-    pub actor: Actor,
-    pub client: Option<String>,
-    pub user_agent: Option<String>,
-}
-
-pub struct MintRequest {
-    pub name: Option<String>,
-    pub expires_at: Option<DateTime<Utc>>,
-    /// `false` for the CLI (ops break-glass may exceed `keys.max_live`).
-    pub enforce_ceiling: bool,
-}
-
-pub struct Minted {
-    pub record: KeyRecord,
-    pub token: Token,
-    /// Live keys after this mint exceed `keys.max_live` (CLI only; the API refuses instead).
-    pub over_ceiling: bool,
-}
-
-#[derive(Debug)]
-pub enum MintError {
-    CeilingReached,
-    Store(StoreError),
-}
-
-impl std::fmt::Display for MintError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MintError::CeilingReached => f.write_str("org api token mint ceiling exceeded"),
-            MintError::Store(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for MintError {}
-
-/// Mint, list, revoke, audit — for `/org/tokens` and `keygate keys …`.
-pub struct KeyService {
-    inner: Arc<Inner>,
-}
-
-impl KeyService {
-    /// Key operations without the request path (the `keygate keys` CLI): no
-    /// background task, no revocation feed; store calls bounded by `store.timeout`.
-    pub fn standalone(config: &Config, store: Store, metrics: Arc<Metrics>) -> KeyService {
-        KeyService {
-            inner: Arc::new(Inner::new(config, store, metrics)),
-        }
-    }
-
-    /// Mint a key. Name and expiry are validated by the caller.
-    pub async fn mint(&self, req: MintRequest, ctx: &OpContext) -> Result<Minted, MintError> {
-        let inner = &self.inner;
-        let token = token::mint(&inner.key_prefix);
-        let hash = token::hash(token.expose());
-        let now = Utc::now();
-        let record = KeyRecord {
-            id: token::new_key_id(),
-            prefix: token::display_prefix(token.expose()).to_string(),
-            name: req.name,
-            created_by: ctx.actor.0.clone(),
-            created_at: now,
-            expires_at: req.expires_at,
-            last_used_at: None,
-            revoked_at: None,
-        };
-        let audit = AuditEntry {
-            time: now,
-            actor: ctx.actor.0.clone(),
-            action: "mint".into(),
-            key_id: record.id.clone(),
-            prefix: record.prefix.clone(),
-            name: record.name.clone(),
-            client: ctx.client.clone(),
-            user_agent: ctx.user_agent.clone(),
-        };
-        let ceiling = req.enforce_ceiling.then_some(inner.max_live);
-        let outcome = inner
-            .timed("mint", inner.store.mint(&hash, &record, ceiling, &audit))
-            .await
-            .map_err(MintError::Store)?;
-        match outcome {
-            MintOutcome::Minted { live } => {
-                inner.cache.forget_negative(&hash);
-                Ok(Minted {
-                    record,
-                    token,
-                    over_ceiling: live > u64::from(inner.max_live),
-                })
-            }
-            MintOutcome::CeilingReached => Err(MintError::CeilingReached),
-        }
-    }
-
-    /// Live keys, newest first.
-    pub async fn list(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        let inner = &self.inner;
-        inner.timed("list", inner.store.list_live()).await
-    }
-
-    /// `Ok(false)`: no live key with that id. On `Ok(true)` the key is already
-    /// refused by this instance (cache entry dropped, generation bumped).
-    pub async fn revoke(&self, id: &str, ctx: &OpContext) -> Result<bool, StoreError> {
-        let inner = &self.inner;
-        // The audit entry names the key's prefix and name: read them first.
-        let live = inner.timed("list", inner.store.list_live()).await?;
-        let Some(record) = live.into_iter().find(|r| r.id == id) else {
-            return Ok(false);
-        };
-        let at = Utc::now();
-        let audit = AuditEntry {
-            time: at,
-            actor: ctx.actor.0.clone(),
-            action: "revoke".into(),
-            key_id: record.id,
-            prefix: record.prefix,
-            name: record.name,
-            client: ctx.client.clone(),
-            user_agent: ctx.user_agent.clone(),
-        };
-        match inner
-            .timed("revoke", inner.store.revoke(id, at, &audit))
-            .await?
-        {
-            Some(hash) => {
-                inner.apply_revocation(&hash);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    }
-
-    /// Audit entries, oldest first, at or after `since`.
-    pub async fn audit(&self, since: Option<DateTime<Utc>>) -> Result<Vec<AuditEntry>, StoreError> {
-        let inner = &self.inner;
-        inner.timed("audit", inner.store.audit(since)).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::token::Token;
     use super::*;
     use chrono::TimeDelta;
 

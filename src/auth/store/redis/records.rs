@@ -1,0 +1,144 @@
+//! Key names of one tenant and the encoding of records and audit entries in
+//! Redis hashes and stream entries.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use super::{AuditEntry, KeyRecord, StoreError};
+use crate::auth::token::KeyHash;
+
+/// Key names of one tenant.
+pub(super) struct Keys {
+    /// `keygate:{<slug>}:`
+    pub(super) base: String,
+}
+
+impl Keys {
+    pub(super) fn new(slug: &str) -> Keys {
+        Keys {
+            base: format!("keygate:{{{slug}}}:"),
+        }
+    }
+    pub(super) fn record(&self, hash: &KeyHash) -> String {
+        format!("{}key:{}", self.base, hash.to_hex())
+    }
+    pub(super) fn record_hex(&self, hex: &str) -> String {
+        format!("{}key:{hex}", self.base)
+    }
+    pub(super) fn id(&self, id: &str) -> String {
+        format!("{}id:{id}", self.base)
+    }
+    pub(super) fn live(&self) -> String {
+        format!("{}live", self.base)
+    }
+    pub(super) fn expiry(&self) -> String {
+        format!("{}expiry", self.base)
+    }
+    pub(super) fn audit(&self) -> String {
+        format!("{}audit", self.base)
+    }
+    pub(super) fn channel(&self) -> String {
+        format!("{}revoked", self.base)
+    }
+}
+
+pub(super) fn rfc3339(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Nanos, true)
+}
+
+pub(super) fn opt_rfc3339(t: &Option<DateTime<Utc>>) -> String {
+    t.as_ref().map(rfc3339).unwrap_or_default()
+}
+
+pub(super) fn parse_time(field: &str, v: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(v)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| StoreError::Unavailable(format!("corrupt record in redis: bad {field}")))
+}
+
+pub(super) fn parse_opt_time(
+    field: &str,
+    v: Option<&String>,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    match v.map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(s) => parse_time(field, s).map(Some),
+    }
+}
+
+fn non_empty(v: Option<&String>) -> Option<String> {
+    v.filter(|s| !s.is_empty()).cloned()
+}
+
+pub(super) fn parse_record(map: &HashMap<String, String>) -> Result<KeyRecord, StoreError> {
+    let get = |f: &str| {
+        map.get(f)
+            .cloned()
+            .ok_or_else(|| StoreError::Unavailable(format!("corrupt record in redis: no {f}")))
+    };
+    Ok(KeyRecord {
+        id: get("id")?,
+        prefix: get("prefix")?,
+        name: non_empty(map.get("name")),
+        created_by: get("created_by")?,
+        created_at: parse_time("created_at", &get("created_at")?)?,
+        expires_at: parse_opt_time("expires_at", map.get("expires_at"))?,
+        last_used_at: parse_opt_time("last_used_at", map.get("last_used_at"))?,
+        revoked_at: parse_opt_time("revoked_at", map.get("revoked_at"))?,
+    })
+}
+
+pub(super) fn parse_audit(map: &HashMap<String, String>) -> Result<AuditEntry, StoreError> {
+    let get = |f: &str| map.get(f).cloned().unwrap_or_default();
+    Ok(AuditEntry {
+        time: parse_time("audit time", &get("time"))?,
+        actor: get("actor"),
+        action: get("action"),
+        key_id: get("key_id"),
+        prefix: get("prefix"),
+        name: non_empty(map.get("name")),
+        client: non_empty(map.get("client")),
+        user_agent: non_empty(map.get("user_agent")),
+    })
+}
+
+pub(super) fn audit_args(a: &AuditEntry) -> [String; 8] {
+    [
+        rfc3339(&a.time),
+        a.actor.clone(),
+        a.action.clone(),
+        a.key_id.clone(),
+        a.prefix.clone(),
+        a.name.clone().unwrap_or_default(),
+        a.client.clone().unwrap_or_default(),
+        a.user_agent.clone().unwrap_or_default(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_names_carry_the_tenant_hash_tag() {
+        let k = Keys::new("acme");
+        let h = KeyHash([0xab; 32]);
+        assert_eq!(
+            k.record(&h),
+            format!("keygate:{{acme}}:key:{}", "ab".repeat(32))
+        );
+        assert_eq!(k.id("x1"), "keygate:{acme}:id:x1");
+        assert_eq!(k.live(), "keygate:{acme}:live");
+        assert_eq!(k.audit(), "keygate:{acme}:audit");
+        assert_eq!(k.channel(), "keygate:{acme}:revoked");
+    }
+
+    #[test]
+    fn timestamps_round_trip_and_sort_as_strings() {
+        let a = Utc::now();
+        let b = a + chrono::TimeDelta::nanoseconds(1);
+        assert_eq!(parse_time("t", &rfc3339(&a)).unwrap(), a);
+        assert!(rfc3339(&a) < rfc3339(&b));
+    }
+}
