@@ -42,8 +42,8 @@ fn ctx() -> OpContext {
 fn mint_req() -> MintRequest {
     MintRequest {
         name: Some("bench".into()),
-        expires_at: None,
         enforce_ceiling: false,
+        ..MintRequest::default()
     }
 }
 

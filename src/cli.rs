@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::auth::scope::{check_workspaces, Role};
 use crate::auth::store::{AuditEntry, Store};
 use crate::auth::{Actor, KeyService, MintError, MintRequest, OpContext};
-use crate::config::{Config, StoreBackend};
+use crate::config::{Config, RateLimit, StoreBackend};
 use crate::keys_api::{list_json, minted_json, rfc3339};
 use crate::logging::{self, Sink};
 use crate::metrics::Metrics;
@@ -190,12 +191,38 @@ pub fn parse_lifetime(s: &str) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs))
 }
 
-pub fn keys_mint(
-    path: &Path,
-    name: Option<String>,
-    expires_in: Option<String>,
-    json: bool,
-) -> Result<(), Failure> {
+/// `keygate keys mint` flags, as given.
+pub struct MintArgs {
+    pub name: Option<String>,
+    pub expires_in: Option<String>,
+    pub role: Option<String>,
+    pub workspaces: Vec<String>,
+    pub rate_limit: Option<String>,
+}
+
+pub fn keys_mint(path: &Path, args: MintArgs, json: bool) -> Result<(), Failure> {
+    let MintArgs {
+        name,
+        expires_in,
+        role,
+        workspaces,
+        rate_limit,
+    } = args;
+    let role = match role {
+        None => Role::Admin,
+        Some(r) => Role::parse(&r).ok_or_else(|| {
+            Failure::Usage(format!(
+                "--role: '{r}' is not a role: use admin, editor or reader"
+            ))
+        })?,
+    };
+    check_workspaces(&workspaces).map_err(|e| Failure::Usage(format!("--workspace: {e}")))?;
+    let rate_limit = match rate_limit {
+        None => None,
+        Some(r) => {
+            Some(RateLimit::parse(&r).map_err(|e| Failure::Usage(format!("--rate-limit: {e}")))?)
+        }
+    };
     let expires_at = match expires_in {
         None => None,
         Some(s) => {
@@ -220,6 +247,9 @@ pub fn keys_mint(
         let req = MintRequest {
             name,
             expires_at,
+            role,
+            workspaces,
+            rate_limit,
             enforce_ceiling: false,
         };
         let minted = match keys.mint(req, &cli_context()).await {
@@ -246,6 +276,21 @@ pub fn keys_mint(
             eprintln!("prefix:     {}", r.prefix);
             eprintln!("name:       {}", r.name.as_deref().unwrap_or("-"));
             eprintln!("created_by: {}", r.created_by);
+            eprintln!("role:       {}", r.role);
+            eprintln!(
+                "workspaces: {}",
+                if r.workspaces.is_empty() {
+                    "- (whole org)".to_string()
+                } else {
+                    r.workspaces.join(",")
+                }
+            );
+            eprintln!(
+                "rate_limit: {}",
+                r.rate_limit
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "none".into())
+            );
             eprintln!(
                 "expires_at: {}",
                 r.expires_at
@@ -269,13 +314,22 @@ pub fn keys_list(path: &Path, json: bool) -> Result<(), Failure> {
             println!("{}", list_json(&records));
             return Ok(());
         }
-        let rows: Vec<[String; 7]> = records
+        let rows: Vec<[String; 10]> = records
             .iter()
             .map(|r| {
                 [
                     r.id.clone(),
                     r.prefix.clone(),
                     r.name.clone().unwrap_or_else(|| "-".into()),
+                    r.role.to_string(),
+                    if r.workspaces.is_empty() {
+                        "-".into()
+                    } else {
+                        r.workspaces.join(",")
+                    },
+                    r.rate_limit
+                        .map(|l| l.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     r.created_by.clone(),
                     rfc3339(&r.created_at),
                     r.last_used_at
@@ -294,6 +348,9 @@ pub fn keys_list(path: &Path, json: bool) -> Result<(), Failure> {
                 "ID",
                 "PREFIX",
                 "NAME",
+                "ROLE",
+                "WORKSPACES",
+                "RATE_LIMIT",
                 "CREATED_BY",
                 "CREATED_AT",
                 "LAST_USED_AT",
@@ -369,7 +426,7 @@ pub fn audit(path: &Path, since: Option<String>, json: bool) -> Result<(), Failu
 }
 
 pub fn audit_json(e: &AuditEntry) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "time": rfc3339(&e.time),
         "actor": e.actor,
         "action": e.action,
@@ -378,7 +435,15 @@ pub fn audit_json(e: &AuditEntry) -> serde_json::Value {
         "name": e.name,
         "client": e.client,
         "user_agent": e.user_agent,
-    })
+    });
+    if let Some(role) = e.role {
+        v["role"] = role.as_str().into();
+        v["workspaces"] = e.workspaces.clone().into();
+    }
+    if let Some(id) = &e.new_key_id {
+        v["new_key_id"] = id.clone().into();
+    }
+    v
 }
 
 fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {

@@ -69,8 +69,7 @@ pub async fn run(port: u16) -> Result<(), Failure> {
         .mint(
             MintRequest {
                 name: Some("demo".into()),
-                expires_at: None,
-                enforce_ceiling: false,
+                ..MintRequest::default()
             },
             &ctx,
         )

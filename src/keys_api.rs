@@ -12,8 +12,10 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::app::App;
+use crate::auth::scope::{check_workspaces, Role};
 use crate::auth::store::KeyRecord;
 use crate::auth::{Actor, MintError, MintRequest, Minted, OpContext};
+use crate::config::RateLimit;
 use crate::error::Rejection;
 use crate::exchange::{json_response, ConnInfo, ProxyBody};
 use crate::forward::Identity;
@@ -129,13 +131,14 @@ async fn read_mint_request(body: Incoming) -> Result<MintRequest, Rejection> {
     parse_mint_request(&bytes, Utc::now())
 }
 
-/// `{"name": "...", "expires_at": "RFC 3339"}`, both optional; empty body allowed.
+/// `{"name", "expires_at", "role", "workspaces", "rate_limit"}`, all
+/// optional; empty body allowed. Whether the caller may mint that scope is
+/// checked by the caller of this function.
 pub fn parse_mint_request(bytes: &[u8], now: DateTime<Utc>) -> Result<MintRequest, Rejection> {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(MintRequest {
-            name: None,
-            expires_at: None,
             enforce_ceiling: true,
+            ..MintRequest::default()
         });
     }
     let value: Value = serde_json::from_slice(bytes)
@@ -183,9 +186,59 @@ pub fn parse_mint_request(bytes: &[u8], now: DateTime<Utc>) -> Result<MintReques
             ))
         }
     };
+    let role = match obj.get("role") {
+        None | Some(Value::Null) => Role::Admin,
+        Some(Value::String(s)) => Role::parse(s).ok_or(Rejection::BadRequest(
+            "bad request: role must be \"admin\", \"editor\" or \"reader\"",
+        ))?,
+        Some(_) => {
+            return Err(Rejection::BadRequest(
+                "bad request: role must be \"admin\", \"editor\" or \"reader\"",
+            ))
+        }
+    };
+    let workspaces = match obj.get("workspaces") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            let mut ids = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    Value::String(s) => ids.push(s.clone()),
+                    _ => {
+                        return Err(Rejection::BadRequest(
+                            "bad request: workspaces must be an array of strings",
+                        ))
+                    }
+                }
+            }
+            check_workspaces(&ids).map_err(|e| Rejection::BadRequest(e.message()))?;
+            ids
+        }
+        Some(_) => {
+            return Err(Rejection::BadRequest(
+                "bad request: workspaces must be an array of strings",
+            ))
+        }
+    };
+    let rate_limit = match obj.get("rate_limit") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(RateLimit::parse(s).map_err(|_| {
+            Rejection::BadRequest(
+                "bad request: rate_limit must be \"N/s\", \"N/min\" or \"N/h\" with N >= 1",
+            )
+        })?),
+        Some(_) => {
+            return Err(Rejection::BadRequest(
+                "bad request: rate_limit must be \"N/s\", \"N/min\" or \"N/h\" with N >= 1",
+            ))
+        }
+    };
     Ok(MintRequest {
         name,
         expires_at,
+        role,
+        workspaces,
+        rate_limit,
         enforce_ceiling: true,
     })
 }
@@ -213,6 +266,9 @@ pub fn list_json(records: &[KeyRecord]) -> Value {
                 "created_at": rfc3339(&r.created_at),
                 "last_used_at": opt_time(&r.last_used_at),
                 "expires_at": opt_time(&r.expires_at),
+                "role": r.role.as_str(),
+                "workspaces": r.workspaces,
+                "rate_limit": r.rate_limit.map(|l| l.to_string()),
             })
         })
         .collect();
@@ -226,6 +282,9 @@ pub fn minted_json(m: &Minted) -> Value {
         "prefix": m.record.prefix,
         "name": m.record.name,
         "expires_at": opt_time(&m.record.expires_at),
+        "role": m.record.role.as_str(),
+        "workspaces": m.record.workspaces,
+        "rate_limit": m.record.rate_limit.map(|l| l.to_string()),
         "auth_token": m.token.expose(),
         "warning": MINT_WARNING,
     })
@@ -269,5 +328,39 @@ mod tests {
         assert!(!ok(r#"{"expires_at":"2027-01-01"}"#));
         assert!(!ok(r#"{"expires_at":"2025-01-01T00:00:00Z"}"#));
         assert!(!ok(r#"{"expires_at":"2026-01-01T00:00:00Z"}"#));
+    }
+
+    #[test]
+    fn mint_body_scope_and_limit() {
+        let parse = |b: &str| parse_mint_request(b.as_bytes(), now());
+        let r =
+            parse(r#"{"role":"reader","workspaces":["ws_1","ws-2"],"rate_limit":"5/s"}"#).unwrap();
+        assert_eq!(r.role, Role::Reader);
+        assert_eq!(r.workspaces, ["ws_1", "ws-2"]);
+        assert_eq!(r.rate_limit.unwrap().to_string(), "5/s");
+        let d = parse("{}").unwrap();
+        assert_eq!(
+            (d.role, d.workspaces.len(), d.rate_limit),
+            (Role::Admin, 0, None)
+        );
+        for bad in [
+            r#"{"role":"owner"}"#,
+            r#"{"role":"Admin"}"#,
+            r#"{"role":1}"#,
+            r#"{"workspaces":"ws_1"}"#,
+            r#"{"workspaces":[1]}"#,
+            r#"{"workspaces":[""]}"#,
+            r#"{"workspaces":["a b"]}"#,
+            r#"{"workspaces":["a","a"]}"#,
+            r#"{"rate_limit":"0/s"}"#,
+            r#"{"rate_limit":"5/sec"}"#,
+            r#"{"rate_limit":"-1/min"}"#,
+            r#"{"rate_limit":5}"#,
+        ] {
+            assert!(matches!(parse(bad), Err(Rejection::BadRequest(_))), "{bad}");
+        }
+        let many: Vec<String> = (0..101).map(|i| format!("\"w{i}\"")).collect();
+        let body = format!(r#"{{"workspaces":[{}]}}"#, many.join(","));
+        assert!(parse(&body).is_err());
     }
 }

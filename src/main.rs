@@ -68,6 +68,15 @@ enum KeysCommand {
         /// Lifetime, e.g. 30d, 12h, 90m.
         #[arg(long, value_name = "DUR")]
         expires_in: Option<String>,
+        /// admin (default), editor or reader.
+        #[arg(long, value_name = "ROLE")]
+        role: Option<String>,
+        /// Bind the key to this workspace id (repeatable).
+        #[arg(long = "workspace", value_name = "ID")]
+        workspaces: Vec<String>,
+        /// Per-key rate limit: N/s, N/min or N/h (default keys.default_rate_limit).
+        #[arg(long, value_name = "RATE")]
+        rate_limit: Option<String>,
         /// Print the same object as POST /org/tokens.
         #[arg(long)]
         json: bool,
@@ -98,8 +107,21 @@ fn main() -> ExitCode {
             config,
             name,
             expires_in,
+            role,
+            workspaces,
+            rate_limit,
             json,
-        }) => cli::keys_mint(&config_path(config.config), name, expires_in, json),
+        }) => cli::keys_mint(
+            &config_path(config.config),
+            cli::MintArgs {
+                name,
+                expires_in,
+                role,
+                workspaces,
+                rate_limit,
+            },
+            json,
+        ),
         Command::Keys(KeysCommand::List { config, json }) => {
             cli::keys_list(&config_path(config.config), json)
         }

@@ -117,6 +117,7 @@ async fn a_tunnel_closes_when_its_key_expires() {
             name: Some("short".into()),
             expires_at: Some(Utc::now() + chrono::Duration::milliseconds(1500)),
             enforce_ceiling: true,
+            ..Default::default()
         },
     )
     .await;

@@ -66,6 +66,7 @@ impl Env {
             name: Some("http1-test".into()),
             expires_at,
             enforce_ceiling: true,
+            ..Default::default()
         };
         kg::mint_request(&self.kg, req).await
     }

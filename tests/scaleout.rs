@@ -110,8 +110,8 @@ impl Instance {
             .mint(
                 MintRequest {
                     name: Some(name.into()),
-                    expires_at: None,
                     enforce_ceiling: true,
+                    ..Default::default()
                 },
                 &ctx,
             )

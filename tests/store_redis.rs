@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use common::redis::{redis_cli, RedisCluster, RedisSentinel, RedisServer};
+use keygate::auth::scope::Role;
 use keygate::auth::store::{AuditEntry, FeedEvent, KeyRecord, MintOutcome, Store, StoreError};
 use keygate::auth::token::KeyHash;
-use keygate::config::{RedisTarget, Secret, StoreBackend, StoreConfig};
+use keygate::config::{RateLimit, RedisTarget, Secret, StoreBackend, StoreConfig};
 use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -55,6 +56,9 @@ fn new_key(name: &str, created_at: DateTime<Utc>, expires_at: Option<DateTime<Ut
         expires_at,
         last_used_at: None,
         revoked_at: None,
+        role: Role::Admin,
+        workspaces: Vec::new(),
+        rate_limit: None,
     };
     NewKey {
         token,
@@ -73,6 +77,9 @@ fn audit(action: &str, key: &NewKey) -> AuditEntry {
         name: key.record.name.clone(),
         client: Some("203.0.113.7".into()),
         user_agent: Some("curl/8.5".into()),
+        role: (action == "mint").then_some(key.record.role),
+        workspaces: key.record.workspaces.clone(),
+        new_key_id: None,
     }
 }
 
@@ -117,6 +124,70 @@ async fn mint_then_lookup_returns_the_record() {
     let unknown = new_key("other", Utc::now(), None);
     assert_eq!(s.lookup(&unknown.hash).await.unwrap(), None);
     s.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn scope_and_rate_limit_round_trip_and_reach_the_audit_trail() {
+    let server = RedisServer::start();
+    let s = store(&server, "acme");
+    let mut k = new_key("bound", Utc::now(), None);
+    k.record.role = Role::Reader;
+    k.record.workspaces = vec!["ws_2".into(), "ws_1".into()];
+    k.record.rate_limit = Some(RateLimit::parse("40/min").unwrap());
+    mint(&s, &k).await;
+    assert_eq!(s.lookup(&k.hash).await.unwrap(), Some(k.record.clone()));
+    assert_eq!(s.list_live().await.unwrap(), vec![k.record.clone()]);
+    // What Redis holds: the fields by name, ids in mint order.
+    let record = format!("keygate:{{acme}}:key:{}", hex(&k.hash));
+    let field = |f: &str| redis_cli(server.port(), &["HGET", &record, f]);
+    assert_eq!(field("role").trim(), "reader");
+    assert_eq!(field("workspaces").trim(), "ws_2,ws_1");
+    assert_eq!(field("rate_limit").trim(), "40/min");
+    let audit = s.audit(None).await.unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].role, Some(Role::Reader));
+    assert_eq!(audit[0].workspaces, ["ws_2", "ws_1"]);
+}
+
+#[tokio::test]
+async fn a_record_from_before_scopes_reads_as_an_unbound_admin_without_limit() {
+    let server = RedisServer::start();
+    let s = store(&server, "acme");
+    let k = new_key("old", Utc::now(), None);
+    // Written field by field as the first release's mint script did.
+    let record = format!("keygate:{{acme}}:key:{}", hex(&k.hash));
+    let created = k
+        .record
+        .created_at
+        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    redis_cli(
+        server.port(),
+        &[
+            "HSET",
+            &record,
+            "id",
+            &k.record.id,
+            "prefix",
+            &k.record.prefix,
+            "name",
+            "old",
+            "created_by",
+            "cli:ops",
+            "created_at",
+            &created,
+            "expires_at",
+            "",
+            "last_used_at",
+            "",
+            "revoked_at",
+            "",
+        ],
+    );
+    let got = s.lookup(&k.hash).await.unwrap().expect("old record found");
+    assert_eq!(got.role, Role::Admin);
+    assert!(got.workspaces.is_empty());
+    assert_eq!(got.rate_limit, None);
+    assert_eq!(got.id, k.record.id);
 }
 
 #[tokio::test]

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+use super::scope::Role;
 use super::store::{AuditEntry, KeyRecord, MintOutcome, Store, StoreError};
 use super::token::{self, Token};
 use super::Inner;
-use crate::config::Config;
+use crate::config::{Config, RateLimit};
 use crate::metrics::Metrics;
 
 /// Who performs a key operation: `org-key:<prefix>`, `session:<user_id>`, `cli:<os user>`.
@@ -25,9 +26,17 @@ pub struct OpContext {
     pub user_agent: Option<String>,
 }
 
+/// A validated mint: every field checked by the caller (API body or CLI
+/// flags); whether the caller may mint this scope is the caller's check too.
+#[derive(Debug, Clone, Default)]
 pub struct MintRequest {
     pub name: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    pub role: Role,
+    /// Validated with [`crate::auth::scope::check_workspaces`].
+    pub workspaces: Vec<String>,
+    /// `None`: `keys.default_rate_limit` applies.
+    pub rate_limit: Option<RateLimit>,
     /// `false` for the CLI (ops break-glass may exceed `keys.max_live`).
     pub enforce_ceiling: bool,
 }
@@ -85,6 +94,9 @@ impl KeyService {
             expires_at: req.expires_at,
             last_used_at: None,
             revoked_at: None,
+            role: req.role,
+            workspaces: req.workspaces,
+            rate_limit: req.rate_limit.or(inner.default_rate_limit),
         };
         let audit = AuditEntry {
             time: now,
@@ -95,6 +107,9 @@ impl KeyService {
             name: record.name.clone(),
             client: ctx.client.clone(),
             user_agent: ctx.user_agent.clone(),
+            role: Some(record.role),
+            workspaces: record.workspaces.clone(),
+            new_key_id: None,
         };
         let ceiling = req.enforce_ceiling.then_some(inner.max_live);
         let outcome = inner
@@ -139,6 +154,9 @@ impl KeyService {
             name: record.name,
             client: ctx.client.clone(),
             user_agent: ctx.user_agent.clone(),
+            role: None,
+            workspaces: Vec::new(),
+            new_key_id: None,
         };
         match inner
             .timed("revoke", inner.store.revoke(id, at, &audit))

@@ -41,6 +41,7 @@ pub mod cache;
 pub mod credential;
 mod keys;
 pub mod principal;
+pub mod scope;
 pub mod store;
 pub mod token;
 
@@ -107,6 +108,7 @@ struct Inner {
     max_stale: Duration,
     key_prefix: String,
     max_live: u32,
+    default_rate_limit: Option<crate::config::RateLimit>,
     unknown_lookups: Semaphore,
     touches: Mutex<HashMap<KeyHash, DateTime<Utc>>>,
     /// What open tunnels listen to (see [`Authenticator::key_ends`]).
@@ -268,6 +270,7 @@ impl Inner {
             max_stale: auth.max_stale,
             key_prefix: auth.key_prefix.clone(),
             max_live: config.keys.max_live,
+            default_rate_limit: config.keys.default_rate_limit,
             unknown_lookups: Semaphore::new(MAX_UNKNOWN_LOOKUPS),
             touches: Mutex::new(HashMap::new()),
             events: broadcast::channel(KEY_EVENTS).0,
@@ -366,7 +369,7 @@ impl Inner {
                 return Fetched::Invalid;
             }
         };
-        let principal = Principal::of(hash, &record.id, &record.prefix, record.expires_at);
+        let principal = Principal::of(hash, &record);
         let expiry = record.expires_at.map(|e| cache::Expiry {
             left: (e - wall_at_snapshot).to_std().unwrap_or(Duration::ZERO),
             at: e,
@@ -519,6 +522,7 @@ mod tests {
             name: Some("test".into()),
             expires_at,
             enforce_ceiling: true,
+            ..Default::default()
         };
         auth.keys().mint(req, &ctx()).await.expect("mint")
     }
@@ -777,6 +781,7 @@ mod tests {
             name: None,
             expires_at: None,
             enforce_ceiling: true,
+            ..Default::default()
         };
         assert!(matches!(
             auth.keys().mint(api, &ctx()).await,
@@ -786,6 +791,7 @@ mod tests {
             name: None,
             expires_at: None,
             enforce_ceiling: false,
+            ..Default::default()
         };
         let third = auth.keys().mint(cli, &ctx()).await.unwrap();
         assert!(third.over_ceiling);

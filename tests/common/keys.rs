@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use super::kg::{self, RawResponse, HOST};
 
 /// The fields of a key in `GET /org/tokens`.
-pub const LIST_FIELDS: [&str; 7] = [
+pub const LIST_FIELDS: [&str; 10] = [
     "id",
     "prefix",
     "name",
@@ -14,14 +14,20 @@ pub const LIST_FIELDS: [&str; 7] = [
     "created_at",
     "last_used_at",
     "expires_at",
+    "role",
+    "workspaces",
+    "rate_limit",
 ];
 
 /// The fields of a `POST /org/tokens` answer.
-pub const MINT_FIELDS: [&str; 6] = [
+pub const MINT_FIELDS: [&str; 9] = [
     "id",
     "prefix",
     "name",
     "expires_at",
+    "role",
+    "workspaces",
+    "rate_limit",
     "auth_token",
     "warning",
 ];

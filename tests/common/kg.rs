@@ -97,6 +97,7 @@ pub async fn mint_key(kg: &RunHandle, name: Option<&str>) -> Key {
         name: name.map(Into::into),
         expires_at: None,
         enforce_ceiling: true,
+        ..Default::default()
     };
     mint_request(kg, req).await
 }
@@ -108,6 +109,7 @@ pub async fn bootstrap_key(kg: &RunHandle) -> String {
         name: Some("bootstrap".into()),
         expires_at: None,
         enforce_ceiling: false,
+        ..Default::default()
     };
     mint_request(kg, req).await.token
 }

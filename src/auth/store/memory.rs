@@ -1,4 +1,4 @@
-//! In-memory store (unit tests and `keygate demo`). OWNER: store helper.
+//! In-memory store (unit tests and `keygate demo`).
 //!
 //! Same semantics as the Redis store: atomic mint with the live-key ceiling,
 //! revoke that succeeds once per key, an audit trail, and a revocation feed
@@ -185,6 +185,9 @@ mod tests {
             expires_at,
             last_used_at: None,
             revoked_at: None,
+            role: Default::default(),
+            workspaces: Vec::new(),
+            rate_limit: None,
         }
     }
 
@@ -198,6 +201,9 @@ mod tests {
             name: None,
             client: None,
             user_agent: None,
+            role: None,
+            workspaces: Vec::new(),
+            new_key_id: None,
         }
     }
 

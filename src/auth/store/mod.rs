@@ -1,16 +1,17 @@
 //! Key store: where key records live (Redis in production, memory for unit
 //! tests and the demo). Only SHA-256 hashes of tokens are ever stored.
 //!
-//! OWNER: store helper. The API below is what `auth::cache` / `Authenticator`
-//! and the CLI use; keep signatures stable (add methods freely).
+//! The API below is what `auth::cache` / `Authenticator` and the key
+//! lifecycle (`auth::keys`) use.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
+use super::scope::Role;
 use super::token::KeyHash;
-use crate::config::{StoreBackend, StoreConfig};
+use crate::config::{RateLimit, StoreBackend, StoreConfig};
 
 /// One key's metadata, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +24,12 @@ pub struct KeyRecord {
     pub expires_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// §8; `Admin` for a record minted before roles existed.
+    pub role: Role,
+    /// §8: empty = the whole org; ids in mint order.
+    pub workspaces: Vec<String>,
+    /// §11; `None` = no limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl KeyRecord {
@@ -37,13 +44,18 @@ pub struct AuditEntry {
     pub time: DateTime<Utc>,
     /// `org-key:<prefix>`, `session:<user_id>` or `cli:<os user>`.
     pub actor: String,
-    /// `mint` or `revoke`.
+    /// `mint`, `revoke` or `rotate`.
     pub action: String,
     pub key_id: String,
     pub prefix: String,
     pub name: Option<String>,
     pub client: Option<String>,
     pub user_agent: Option<String>,
+    /// The minted key's scope (`mint` and `rotate` entries; `None` otherwise).
+    pub role: Option<Role>,
+    pub workspaces: Vec<String>,
+    /// `rotate`: the successor's id.
+    pub new_key_id: Option<String>,
 }
 
 /// A store failure; the text is for logs only, never for clients.

@@ -9,11 +9,11 @@
 //!
 //! | key | type | content |
 //! | --- | --- | --- |
-//! | `keygate:{acme}:key:<sha256 hex>` | HASH | `id`, `prefix`, `name`, `created_by`, `created_at`, `expires_at`, `last_used_at`, `revoked_at` (timestamps RFC 3339 UTC with nanoseconds; absent = empty string) |
+//! | `keygate:{acme}:key:<sha256 hex>` | HASH | `id`, `prefix`, `name`, `created_by`, `created_at`, `expires_at`, `last_used_at`, `revoked_at` (timestamps RFC 3339 UTC with nanoseconds; absent = empty string), `role`, `workspaces` (ids joined by `,`), `rate_limit` (`N/unit`); a record without the last three (minted before them) reads as `admin`, no workspaces, no limit |
 //! | `keygate:{acme}:id:<id>` | STRING | the key's SHA-256 hex (id index, for revoke) |
 //! | `keygate:{acme}:live` | ZSET | ids of live keys, scored by `created_at` (ms); newest first for listing, `ZCARD` for the mint ceiling |
 //! | `keygate:{acme}:expiry` | ZSET | ids of live keys that have an `expires_at`, scored by it (ms); the mint script prunes expired ids from both sets before counting |
-//! | `keygate:{acme}:audit` | STREAM | one entry per mint/revoke (`XADD MAXLEN ~ 100000`), fields `time`, `actor`, `action`, `key_id`, `prefix`, `name`, `client`, `user_agent` |
+//! | `keygate:{acme}:audit` | STREAM | one entry per mint/revoke (`XADD MAXLEN ~ 100000`), fields `time`, `actor`, `action`, `key_id`, `prefix`, `name`, `client`, `user_agent`, and on mint/rotate entries `role`, `workspaces` (and `new_key_id` on a rotation) |
 //! | `keygate:{acme}:revoked` | pub/sub channel | message = SHA-256 hex of each revoked key (`PUBLISH`; `SPUBLISH` on a cluster) |
 //!
 //! Only SHA-256 hashes of tokens reach Redis, never a plaintext token.
@@ -101,7 +101,7 @@ use super::{AuditEntry, FeedEvent, KeyRecord, MintOutcome, StoreError};
 use crate::auth::token::KeyHash;
 use conn::{Conn, Target};
 use lua::Lua;
-use records::{audit_args, opt_rfc3339, parse_audit, parse_record, rfc3339, Keys};
+use records::{audit_fields, opt_rfc3339, parse_audit, parse_record, record_fields, rfc3339, Keys};
 
 /// Cap on the audit stream (`XADD MAXLEN ~`).
 const AUDIT_MAXLEN: u32 = 100_000;
@@ -174,15 +174,14 @@ impl RedisStore {
             )
             .arg(AUDIT_MAXLEN)
             .arg(&record.id)
-            .arg(&record.prefix)
-            .arg(record.name.clone().unwrap_or_default())
-            .arg(&record.created_by)
-            .arg(rfc3339(&record.created_at))
-            .arg(opt_rfc3339(&record.expires_at))
-            .arg(opt_rfc3339(&record.last_used_at))
             .arg(opt_rfc3339(&record.revoked_at));
-        for a in audit_args(audit) {
-            inv.arg(a);
+        let fields = record_fields(record);
+        inv.arg(fields.len() * 2);
+        for (f, v) in fields {
+            inv.arg(f).arg(v);
+        }
+        for (f, v) in audit_fields(audit) {
+            inv.arg(f).arg(v);
         }
         let (minted, live): (i64, u64) = self.eval(inv).await?;
         Ok(if minted == 1 {
@@ -261,8 +260,8 @@ impl RedisStore {
             .arg(Utc::now().timestamp_millis())
             .arg(AUDIT_MAXLEN)
             .arg(self.publish_command());
-        for a in audit_args(audit) {
-            inv.arg(a);
+        for (f, v) in audit_fields(audit) {
+            inv.arg(f).arg(v);
         }
         let revoked: Option<(String, i64, String)> = self.eval(inv).await?;
         let Some((_, published, why)) = revoked else {

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use super::{AuditEntry, KeyRecord, StoreError};
+use crate::auth::scope::{check_workspaces, join_workspaces, split_workspaces, Role};
 use crate::auth::token::KeyHash;
+use crate::config::RateLimit;
 
 /// Key names of one tenant.
 pub(super) struct Keys {
@@ -71,11 +73,44 @@ fn non_empty(v: Option<&String>) -> Option<String> {
     v.filter(|s| !s.is_empty()).cloned()
 }
 
+/// A record's hash fields, as `HSET` writes them (mint, rotate). Fields
+/// added after the first release (`role`, `workspaces`, `rate_limit`) are
+/// read back with a default when absent, so older records need no migration.
+pub(super) fn record_fields(r: &KeyRecord) -> Vec<(&'static str, String)> {
+    vec![
+        ("id", r.id.clone()),
+        ("prefix", r.prefix.clone()),
+        ("name", r.name.clone().unwrap_or_default()),
+        ("created_by", r.created_by.clone()),
+        ("created_at", rfc3339(&r.created_at)),
+        ("expires_at", opt_rfc3339(&r.expires_at)),
+        ("last_used_at", opt_rfc3339(&r.last_used_at)),
+        ("revoked_at", opt_rfc3339(&r.revoked_at)),
+        ("role", r.role.as_str().to_string()),
+        ("workspaces", join_workspaces(&r.workspaces)),
+        (
+            "rate_limit",
+            r.rate_limit.map(|l| l.to_string()).unwrap_or_default(),
+        ),
+    ]
+}
+
 pub(super) fn parse_record(map: &HashMap<String, String>) -> Result<KeyRecord, StoreError> {
     let get = |f: &str| {
         map.get(f)
             .cloned()
             .ok_or_else(|| StoreError::Unavailable(format!("corrupt record in redis: no {f}")))
+    };
+    let corrupt = |f: &str| StoreError::Unavailable(format!("corrupt record in redis: bad {f}"));
+    let role = match map.get("role").map(String::as_str) {
+        None | Some("") => Role::Admin,
+        Some(s) => Role::parse(s).ok_or_else(|| corrupt("role"))?,
+    };
+    let workspaces = split_workspaces(map.get("workspaces").map_or("", String::as_str));
+    check_workspaces(&workspaces).map_err(|_| corrupt("workspaces"))?;
+    let rate_limit = match map.get("rate_limit").map(String::as_str) {
+        None | Some("") => None,
+        Some(s) => Some(RateLimit::parse(s).map_err(|_| corrupt("rate_limit"))?),
     };
     Ok(KeyRecord {
         id: get("id")?,
@@ -86,6 +121,9 @@ pub(super) fn parse_record(map: &HashMap<String, String>) -> Result<KeyRecord, S
         expires_at: parse_opt_time("expires_at", map.get("expires_at"))?,
         last_used_at: parse_opt_time("last_used_at", map.get("last_used_at"))?,
         revoked_at: parse_opt_time("revoked_at", map.get("revoked_at"))?,
+        role,
+        workspaces,
+        rate_limit,
     })
 }
 
@@ -100,20 +138,33 @@ pub(super) fn parse_audit(map: &HashMap<String, String>) -> Result<AuditEntry, S
         name: non_empty(map.get("name")),
         client: non_empty(map.get("client")),
         user_agent: non_empty(map.get("user_agent")),
+        role: map.get("role").and_then(|s| Role::parse(s)),
+        workspaces: split_workspaces(map.get("workspaces").map_or("", String::as_str)),
+        new_key_id: non_empty(map.get("new_key_id")),
     })
 }
 
-pub(super) fn audit_args(a: &AuditEntry) -> [String; 8] {
-    [
-        rfc3339(&a.time),
-        a.actor.clone(),
-        a.action.clone(),
-        a.key_id.clone(),
-        a.prefix.clone(),
-        a.name.clone().unwrap_or_default(),
-        a.client.clone().unwrap_or_default(),
-        a.user_agent.clone().unwrap_or_default(),
-    ]
+/// An audit entry's stream fields (`XADD`). `role`/`workspaces` only on
+/// entries that carry a scope, `new_key_id` only on rotations.
+pub(super) fn audit_fields(a: &AuditEntry) -> Vec<(&'static str, String)> {
+    let mut f = vec![
+        ("time", rfc3339(&a.time)),
+        ("actor", a.actor.clone()),
+        ("action", a.action.clone()),
+        ("key_id", a.key_id.clone()),
+        ("prefix", a.prefix.clone()),
+        ("name", a.name.clone().unwrap_or_default()),
+        ("client", a.client.clone().unwrap_or_default()),
+        ("user_agent", a.user_agent.clone().unwrap_or_default()),
+    ];
+    if let Some(role) = a.role {
+        f.push(("role", role.as_str().to_string()));
+        f.push(("workspaces", join_workspaces(&a.workspaces)));
+    }
+    if let Some(id) = &a.new_key_id {
+        f.push(("new_key_id", id.clone()));
+    }
+    f
 }
 
 #[cfg(test)]

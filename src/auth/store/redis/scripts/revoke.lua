@@ -1,6 +1,6 @@
 -- KEYS: 1 id index, 2 record, 3 live zset, 4 expiry zset, 5 audit stream, 6 channel
 -- ARGV: 1 id, 2 hash hex, 3 revoked_at, 4 now ms, 5 audit maxlen, 6 publish command,
---       7..14 audit time actor action key_id prefix name client user_agent
+--       7.. audit entry field/value pairs
 -- Returns false (no live key with that id) or {hash hex, published 1|0, publish error}.
 if redis.call('GET', KEYS[1]) ~= ARGV[2] then return false end
 if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then return false end
@@ -11,9 +11,7 @@ if not revoked or revoked ~= '' then return false end
 redis.call('HSET', KEYS[2], 'revoked_at', ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*',
-  'time', ARGV[7], 'actor', ARGV[8], 'action', ARGV[9], 'key_id', ARGV[10],
-  'prefix', ARGV[11], 'name', ARGV[12], 'client', ARGV[13], 'user_agent', ARGV[14])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 7, #ARGV))
 -- The revocation is committed above; a failed publication must not turn it
 -- into an error reply (the caller would report a failure for a revoked key,
 -- and a retry would find it already revoked), so it is reported instead.
