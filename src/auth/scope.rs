@@ -111,6 +111,42 @@ pub fn split_workspaces(s: &str) -> Vec<String> {
     }
 }
 
+/// A key-management call (§5, §9, §10), as the §8 rule sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyCall<'a> {
+    /// `GET /org/tokens`.
+    List,
+    /// `POST /org/tokens` for a key with this scope.
+    Mint { workspaces: &'a [String] },
+    /// `DELETE /org/tokens/{id}`, `POST …/{id}/rotate`, `GET …/{id}/usage`.
+    OnKey { id: &'a str },
+}
+
+/// §8's rule for key-management calls by a key with `role` and
+/// `workspaces` (`key_id` its own id): any key may revoke, rotate and read
+/// the usage of itself; an unbound key lists; only an admin mints, a bound
+/// admin only keys bound to a non-empty subset of its workspaces; only an
+/// unbound admin acts on other keys. Sessions and the CLI are not keys and
+/// may do everything (they never ask).
+pub fn key_call_allowed(
+    role: Role,
+    workspaces: &[Box<str>],
+    key_id: &str,
+    call: KeyCall<'_>,
+) -> bool {
+    let unbound = workspaces.is_empty();
+    match call {
+        KeyCall::List => unbound,
+        KeyCall::Mint { workspaces: minted } => {
+            role == Role::Admin
+                && (unbound
+                    || (!minted.is_empty()
+                        && minted.iter().all(|m| workspaces.iter().any(|w| **w == **m))))
+        }
+        KeyCall::OnKey { id } => id == key_id || (role == Role::Admin && unbound),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +184,56 @@ mod tests {
         let many: Vec<String> = (0..101).map(|i| format!("w{i}")).collect();
         assert_eq!(check_workspaces(&many), Err(WorkspacesError::TooMany));
         assert!(check_workspaces(&many[..100]).is_ok());
+    }
+
+    #[test]
+    fn key_calls_follow_section_8() {
+        let bound: Vec<Box<str>> = vec!["a".into(), "b".into()];
+        let none: Vec<Box<str>> = Vec::new();
+        let (a, b, ab, c, empty) = (
+            ids(&["a"]),
+            ids(&["b"]),
+            ids(&["a", "b"]),
+            ids(&["c"]),
+            ids(&[]),
+        );
+        fn mint(w: &[String]) -> KeyCall<'_> {
+            KeyCall::Mint { workspaces: w }
+        }
+        let me = KeyCall::OnKey { id: "k1" };
+        let other = KeyCall::OnKey { id: "k2" };
+        // role, bound?, call, allowed
+        let rows: Vec<(Role, &[Box<str>], KeyCall<'_>, bool)> = vec![
+            (Role::Admin, &none, KeyCall::List, true),
+            (Role::Editor, &none, KeyCall::List, true),
+            (Role::Reader, &none, KeyCall::List, true),
+            (Role::Admin, &bound, KeyCall::List, false),
+            (Role::Reader, &bound, KeyCall::List, false),
+            (Role::Admin, &none, mint(&empty), true),
+            (Role::Admin, &none, mint(&c), true),
+            (Role::Editor, &none, mint(&empty), false),
+            (Role::Reader, &none, mint(&a), false),
+            (Role::Admin, &bound, mint(&a), true),
+            (Role::Admin, &bound, mint(&ab), true),
+            (Role::Admin, &bound, mint(&b), true),
+            (Role::Admin, &bound, mint(&empty), false),
+            (Role::Admin, &bound, mint(&c), false),
+            (Role::Editor, &bound, mint(&a), false),
+            (Role::Reader, &none, me, true),
+            (Role::Reader, &bound, me, true),
+            (Role::Editor, &none, me, true),
+            (Role::Admin, &none, other, true),
+            (Role::Admin, &bound, other, false),
+            (Role::Editor, &none, other, false),
+            (Role::Reader, &none, other, false),
+        ];
+        for (role, ws, call, want) in rows {
+            assert_eq!(
+                key_call_allowed(role, ws, "k1", call),
+                want,
+                "{role} {ws:?} {call:?}"
+            );
+        }
     }
 
     #[test]
