@@ -15,15 +15,7 @@ use crate::keys_api::{list_json, minted_json, rfc3339};
 use crate::logging::{self, Sink};
 use crate::metrics::Metrics;
 
-#[derive(Debug)]
-pub enum Failure {
-    /// Every configuration problem, each naming its key (exit 2).
-    Config(Vec<String>),
-    /// Bad command-line value (exit 2).
-    Usage(String),
-    /// The operation failed (exit 1).
-    Operation(String),
-}
+pub use crate::failure::Failure;
 
 fn load(path: &Path) -> Result<Config, Failure> {
     let config = Config::load(path)
@@ -115,32 +107,9 @@ fn spawn_signal_handler(trigger: crate::shutdown::Trigger) {
     });
 }
 
-/// `cli:<os user>`.
-pub fn os_user() -> String {
-    for var in ["USER", "LOGNAME"] {
-        if let Ok(u) = std::env::var(var) {
-            if !u.is_empty() {
-                return u;
-            }
-        }
-    }
-    use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
-    if let (Some(uid), Ok(passwd)) = (uid, std::fs::read_to_string("/etc/passwd")) {
-        for line in passwd.lines() {
-            let f: Vec<&str> = line.split(':').collect();
-            if f.len() > 2 && f[2] == uid.to_string() {
-                return f[0].to_string();
-            }
-        }
-    }
-    uid.map(|u| format!("uid{u}"))
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn cli_context() -> OpContext {
     OpContext {
-        actor: Actor(format!("cli:{}", os_user())),
+        actor: Actor::cli(),
         client: Some("cli".into()),
         user_agent: Some(concat!("keygate-cli/", env!("CARGO_PKG_VERSION")).into()),
     }

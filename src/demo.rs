@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 
 use crate::auth::store::Store;
 use crate::auth::{MintRequest, OpContext};
-use crate::cli::Failure;
 use crate::config::{Config, LogFormat};
+use crate::failure::Failure;
 
 pub async fn run(port: u16) -> Result<(), Failure> {
     let upstream = TcpListener::bind("127.0.0.1:0")
@@ -58,7 +58,7 @@ pub async fn run(port: u16) -> Result<(), Failure> {
     .map_err(|e| Failure::Operation(e.to_string()))?;
 
     let ctx = OpContext {
-        actor: crate::auth::Actor(format!("cli:{}", crate::cli::os_user())),
+        actor: crate::auth::Actor::cli(),
         client: Some("demo".into()),
         user_agent: Some("keygate-demo".into()),
     };

@@ -3,7 +3,7 @@
 //! and no Authorization header — a browser session that `verify_url` confirms.
 
 use bytes::Bytes;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
@@ -243,9 +243,7 @@ pub fn parse_mint_request(bytes: &[u8], now: DateTime<Utc>) -> Result<MintReques
     })
 }
 
-pub fn rfc3339(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
+pub use crate::time::rfc3339;
 
 fn opt_time(t: &Option<DateTime<Utc>>) -> Value {
     t.as_ref()

@@ -30,6 +30,7 @@ pub mod listener;
 pub mod proxy;
 pub mod request;
 pub mod session;
+pub mod time;
 pub mod tls;
 pub mod upstream;
 
@@ -40,6 +41,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod exchange;
+pub mod failure;
 pub mod logging;
 pub mod metrics;
 pub mod shutdown;

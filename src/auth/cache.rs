@@ -1,8 +1,6 @@
 //! Local key cache: what lets a cache hit cost one SHA-256 and one DashMap
 //! shard read, while a revocation still takes effect on the very next request.
 //!
-//! OWNER: cache helper.
-//!
 //! # Entries
 //!
 //! Keyed by [`KeyHash`] (SHA-256 of the token; the token itself is never kept).

@@ -17,8 +17,6 @@
 //! can never reach the app by being wrapped in a shape the app parses
 //! differently. The format and checksum are checked next by
 //! [`super::token::check_format`].
-//!
-//! OWNER: gate helper.
 
 use http::header::AUTHORIZATION;
 use http::HeaderMap;

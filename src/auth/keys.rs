@@ -18,6 +18,36 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor(pub String);
 
+impl Actor {
+    /// `cli:<os user>`: the CLI (and the demo, which mints as the CLI would).
+    pub fn cli() -> Actor {
+        Actor(format!("cli:{}", os_user()))
+    }
+}
+
+/// `cli:<os user>`.
+fn os_user() -> String {
+    for var in ["USER", "LOGNAME"] {
+        if let Ok(u) = std::env::var(var) {
+            if !u.is_empty() {
+                return u;
+            }
+        }
+    }
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if let (Some(uid), Ok(passwd)) = (uid, std::fs::read_to_string("/etc/passwd")) {
+        for line in passwd.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() > 2 && f[2] == uid.to_string() {
+                return f[0].to_string();
+            }
+        }
+    }
+    uid.map(|u| format!("uid{u}"))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Context of a key operation for the audit trail.
 #[derive(Debug, Clone)]
 pub struct OpContext {

@@ -10,8 +10,6 @@
 //! The checksum lets a mistyped or truncated token be refused before any store
 //! look-up ([`check_format`]) and gives secret scanners a fixed shape to match.
 //! Letters and digits only, so a double-click selects the whole token.
-//!
-//! OWNER: gate helper.
 
 use rand::distr::Alphanumeric;
 use rand::Rng;

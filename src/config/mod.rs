@@ -20,8 +20,7 @@
 //! section), `parse` maps each section onto its struct and `render` prints
 //! the redacted effective configuration.
 //!
-//! OWNER: config helper. The typed structs below are the interface the rest of
-//! the crate uses; fields may be added, not renamed.
+//! The typed structs below are the interface the rest of the crate uses.
 
 mod checks;
 mod defaults;

@@ -11,8 +11,6 @@
 //! HTTP/2: `:authority` (the request URI's authority), which must agree with
 //! any `host` header (400 otherwise); `host` alone is accepted; neither is 400.
 //! Malformed or foreign → 421.
-//!
-//! OWNER: gate helper.
 
 use http::header::HOST;
 use http::request::Parts;

@@ -16,8 +16,6 @@
 //!
 //! The common request (origin-form, one served Host, canonical path)
 //! allocates nothing here.
-//!
-//! OWNER: gate helper.
 
 pub mod host;
 pub mod path;

@@ -23,8 +23,6 @@
 //!
 //! A path that passes is forwarded byte for byte as received: nothing here
 //! rewrites it.
-//!
-//! OWNER: gate helper.
 
 use std::borrow::Cow;
 

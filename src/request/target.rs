@@ -19,8 +19,6 @@
 //! `#`), so hyper hands us `/a` for `GET /a#x`; the fragment is never
 //! forwarded, but it cannot be seen in [`Parts`] to be refused. A `#` that
 //! does reach us (a hand-built URI) is refused.
-//!
-//! OWNER: gate helper.
 
 use http::header::HOST;
 use http::request::Parts;

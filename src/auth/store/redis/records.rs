@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
+
+use crate::time::rfc3339_nanos;
 
 use super::{AuditEntry, KeyRecord, StoreError};
 use crate::auth::scope::{check_workspaces, join_workspaces, split_workspaces, Role};
@@ -45,8 +47,9 @@ impl Keys {
     }
 }
 
+/// Timestamps are stored with nanoseconds (see [`crate::time`]).
 pub(super) fn rfc3339(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Nanos, true)
+    rfc3339_nanos(t)
 }
 
 pub(super) fn opt_rfc3339(t: &Option<DateTime<Utc>>) -> String {
