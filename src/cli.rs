@@ -29,8 +29,12 @@ fn load(path: &Path) -> Result<Config, Failure> {
 
 /// `workers == 1`: a current-thread runtime (no cross-thread scheduling at
 /// all, the cheapest for a sidecar pinned to one core); otherwise a
-/// multi-thread runtime with that many workers (0: one per core).
+/// multi-thread runtime with that many workers. `0` sizes the runtime from
+/// the CPUs this process may actually use ([`usable_cpus`]), so a sidecar
+/// started under a 1-CPU limit or pinned to one core gets the current-thread
+/// runtime without any `[runtime]` setting.
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, Failure> {
+    let workers = if workers == 0 { usable_cpus() } else { workers };
     let mut b = if workers == 1 {
         let mut b = tokio::runtime::Builder::new_current_thread();
         // Look for I/O events every 8 task polls instead of tokio's 61: under
@@ -48,6 +52,13 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, Failure> {
     b.enable_all()
         .build()
         .map_err(|e| Failure::Operation(format!("cannot start the runtime: {e}")))
+}
+
+/// CPUs this process may run on: the affinity mask (`taskset`, cpusets)
+/// and the cgroup CPU quota (`cpu.max`, e.g. a container's `cpus: 1`),
+/// rounded up — what [`std::thread::available_parallelism`] reports on Linux.
+pub fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 pub fn check(path: &Path) -> Result<(), Failure> {

@@ -5,8 +5,16 @@
 #
 #   bash benches/load/run.sh                 # ROUNDS=3 DURATION=10s, all targets, memory
 #   ROUNDS=1 DURATION=3s MEMORY=0 bash benches/load/run.sh   # quick look, BENCHMARKS.md untouched
+#   MODE=tls bash benches/load/run.sh        # the same over TLS (one table per mode in BENCHMARKS.md)
 #
 # Environment (defaults):
+#   MODE=plain          plain: cleartext HTTP/1.1 GET (wrk); tls: HTTP/1.1 over TLS (wrk https,
+#                       nginx `listen ssl`, keygate [listen.tls], one self-signed RSA-2048 certificate);
+#                       post: cleartext POST with a 1 KiB body (wrk + post_1k.lua); h2c: HTTP/2 with
+#                       prior knowledge (h2load -m STREAMS, nginx `listen http2`); h2: HTTP/2 over TLS via
+#                       ALPN (h2load, nginx `listen ssl http2`). Cache misses are the memory part (MEMORY=1,
+#                       plain mode only): one request per key for CACHED_KEYS keys, the cache cold once.
+#   STREAMS=10          h2c/h2: concurrent streams per connection (h2load -m)
 #   ROUNDS=3            interleaved rounds
 #   DURATION=10s        wrk duration per run
 #   WARMUP=2s           one unrecorded run per target before round 1
@@ -26,12 +34,23 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE="$REPO/benches/load"
+MODE=${MODE:-plain}
+STREAMS=${STREAMS:-10}
+case "$MODE" in
+    plain | post) TLS=0 DEFAULT_TARGETS="direct nginx keygate nginx-log keygate-log" ;;
+    tls) TLS=1 DEFAULT_TARGETS="direct nginx keygate" ;;
+    h2c) TLS=0 DEFAULT_TARGETS="nginx keygate" ;;
+    h2) TLS=1 DEFAULT_TARGETS="nginx keygate" ;;
+    *) printf 'error: MODE=%s: use plain, tls, post, h2c or h2\n' "$MODE" >&2; exit 2 ;;
+esac
+case "$MODE" in h2c | h2) H2=1 ;; *) H2=0 ;; esac
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 CONNS=${CONNS:-64}
-TARGETS=${TARGETS:-"direct nginx keygate nginx-log keygate-log"}
-MEMORY=${MEMORY:-1}
+TARGETS=${TARGETS:-$DEFAULT_TARGETS}
+# The idle-connection and cache measurements use cleartext HTTP/1.1 clients.
+if [ "$MODE" = plain ]; then MEMORY=${MEMORY:-1}; else MEMORY=0; fi
 IDLE_CONNS=${IDLE_CONNS:-10000}
 CACHED_KEYS=${CACHED_KEYS:-100000}
 PROFILE=${PROFILE:-0}
@@ -71,6 +90,8 @@ missing_pkgs() {
     command -v curl >/dev/null || p+=(curl)
     command -v python3 >/dev/null || p+=(python3)
     if [ "$PROFILE" = 1 ]; then command -v perf >/dev/null || p+=(linux-perf); fi
+    if [ "$H2" = 1 ]; then command -v h2load >/dev/null || p+=(nghttp2-client); fi
+    if [ "$TLS" = 1 ]; then command -v openssl >/dev/null || p+=(openssl); fi
     echo "${p[@]:-}"
 }
 need=$(missing_pkgs)
@@ -127,9 +148,18 @@ wait_until() { # DESCRIPTION SECONDS COMMAND...
     done
 }
 
-http_status() { # PORT PATH [curl args...]
+# How curl and the load tools reach a proxy under test in this MODE (the
+# upstream itself, `direct`, is always cleartext HTTP/1.1).
+SCHEME=http
+CURL_MODE=(--http1.1)
+case "$MODE" in
+    tls) SCHEME=https CURL_MODE=(-k --http1.1) ;;
+    h2) SCHEME=https CURL_MODE=(-k --http2) ;;
+    h2c) CURL_MODE=(--http2-prior-knowledge) ;;
+esac
+http_status() { # PORT PATH [curl args...]   (a proxy under test, in this MODE)
     local port=$1 path=$2; shift 2
-    curl -s -o /dev/null -m 5 -w '%{http_code}' "$@" "http://127.0.0.1:$port$path"
+    curl -s -o /dev/null -m 5 -w '%{http_code}' "${CURL_MODE[@]}" "$@" "$SCHEME://127.0.0.1:$port$path"
 }
 
 cpu_ticks() { # PIDS... -> "utime stime" summed, in clock ticks
@@ -166,6 +196,13 @@ else
         | python3 "$HERE/report.py" exe upstream)
 fi
 [ -x "$KEYGATE" ] && [ -x "$UPSTREAM" ] || die "build produced no binaries"
+
+# ---------------------------------------------------------------- certificate (tls, h2)
+if [ "$TLS" = 1 ]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=$HOST_HEADER" \
+        -addext "subjectAltName=DNS:$HOST_HEADER" -keyout "$WORK/tls.key" -out "$WORK/tls.crt" \
+        >"$WORK/openssl.out" 2>&1 || die "openssl could not make a certificate: $(tail -2 "$WORK/openssl.out")"
+fi
 
 # ---------------------------------------------------------------- redis
 REDIS_PORT=$(free_port)
@@ -216,6 +253,9 @@ access = $4
 [runtime]
 worker_threads = 1
 EOF
+    if [ "$TLS" = 1 ]; then
+        printf '\n[listen.tls]\ncert = "%s"\nkey = "%s"\n' "$WORK/tls.crt" "$WORK/tls.key" >>"$1"
+    fi
 }
 
 # start_keygate NAME ACCESS_LOG -> sets KG_PID KG_PORT KG_ADMIN KG_CONFIG
@@ -246,19 +286,29 @@ KEY_ID=$(printf '%s' "$MINT_JSON" | python3 -c 'import json,sys; print(json.load
 NGINX_PORT=$(free_port)
 NGINX_LOG_PORT=$(free_port)
 mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
+case "$MODE" in
+    tls) NGINX_LISTEN=" ssl" ;;
+    h2) NGINX_LISTEN=" ssl http2" ;;
+    h2c) NGINX_LISTEN=" http2" ;;
+    *) NGINX_LISTEN="" ;;
+esac
+NGINX_TLS=""
+if [ "$TLS" = 1 ]; then
+    NGINX_TLS="ssl_certificate $WORK/tls.crt; ssl_certificate_key $WORK/tls.key; ssl_protocols TLSv1.2 TLSv1.3;"
+fi
 # nginx_server PORT ACCESS_LOG_DIRECTIVE
 nginx_server() {
     cat <<EOF
     # Host check: anything but the tenant's host -> 421.
     server {
-        listen 127.0.0.1:$1 default_server;
+        listen 127.0.0.1:$1$NGINX_LISTEN default_server;
         server_name _;
         $2
         default_type application/json;
         return 421 '{"error":"misdirected request: host not served by this tenant"}';
     }
     server {
-        listen 127.0.0.1:$1;
+        listen 127.0.0.1:$1$NGINX_LISTEN;
         server_name $HOST_HEADER;
         $2
         default_type application/json;
@@ -303,6 +353,7 @@ events {
 }
 http {
     access_log off;
+    $NGINX_TLS
     map_hash_bucket_size 128;   # the map key is "Bearer <60-character token>"
     client_body_temp_path $WORK/nginx/tmp/body;
     proxy_temp_path $WORK/nginx/tmp/proxy;
@@ -345,7 +396,7 @@ EOF
 taskset -c "$PROXY_CPU" "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
 NGINX_PID=$!
 PIDS+=($NGINX_PID)
-wait_until "nginx" 10 curl -s -m 2 -o /dev/null "http://127.0.0.1:$NGINX_PORT/"
+wait_until "nginx" 10 http_status "$NGINX_PORT" /
 NGINX_PIDS="$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"
 
 # ---------------------------------------------------------------- same job: check
@@ -385,13 +436,15 @@ done
 cat "$WORK/check.txt" >&2
 # What the app receives (the upstream echoes the headers on /__headers).
 for t in nginx keygate; do
-    curl -s -m 5 -H "Host: $HOST_HEADER" -H "Authorization: Bearer $TOKEN" -H "X-Molecule-Principal: forged" \
-        -H "X-Forwarded-For: 203.0.113.9" "http://127.0.0.1:$(port_of "$t")/__headers" \
+    curl -s -m 5 "${CURL_MODE[@]}" -H "Host: $HOST_HEADER" -H "Authorization: Bearer $TOKEN" -H "X-Molecule-Principal: forged" \
+        -H "X-Forwarded-For: 203.0.113.9" "$SCHEME://127.0.0.1:$(port_of "$t")/__headers" \
         | sed -e "s/$KEY_ID/<key id>/" -e 's/^\(x-request-id:\) .*/\1 <generated>/' >"$WORK/headers-$t.txt"
 done
 
 # ---------------------------------------------------------------- load rounds
 WRK_ARGS=(-t1 -c"$CONNS" --latency -H "Host: $HOST_HEADER" -H "Authorization: Bearer $TOKEN")
+if [ "$MODE" = post ]; then WRK_ARGS+=(-s "$HERE/post_1k.lua"); fi
+H2LOAD_ARGS=(-t1 -c"$CONNS" -m"$STREAMS" -H ":authority: $HOST_HEADER" -H "Authorization: Bearer $TOKEN")
 WRK_TIMEOUT=$(( $(secs "$DURATION") + 30 ))
 : >"$WORK/results.tsv"
 
@@ -402,8 +455,15 @@ run_wrk() {
     pids=$(pids_of "$t")
     # shellcheck disable=SC2086
     read -r u0 s0 < <(cpu_ticks $pids)
-    timeout "$WRK_TIMEOUT" taskset -c "$CLIENT_CPU" wrk "${WRK_ARGS[@]}" -d"$d" \
-        "http://127.0.0.1:$port/api/x" >"$out" 2>&1 || log "wrk exited non-zero for $t (see $out)"
+    if [ "$H2" = 1 ]; then
+        timeout "$WRK_TIMEOUT" taskset -c "$CLIENT_CPU" h2load "${H2LOAD_ARGS[@]}" -D"$(secs "$d")" \
+            "$SCHEME://127.0.0.1:$port/api/x" >"$out" 2>&1 || log "h2load exited non-zero for $t (see $out)"
+    else
+        local scheme=$SCHEME
+        [ "$t" = direct ] && scheme=http
+        timeout "$WRK_TIMEOUT" taskset -c "$CLIENT_CPU" wrk "${WRK_ARGS[@]}" -d"$d" \
+            "$scheme://127.0.0.1:$port/api/x" >"$out" 2>&1 || log "wrk exited non-zero for $t (see $out)"
+    fi
     # shellcheck disable=SC2086
     read -r u1 s1 < <(cpu_ticks $pids)
     echo "$((u1 - u0)) $((s1 - s0))"
@@ -412,6 +472,9 @@ run_wrk() {
 read -r -a TARGET_LIST <<<"$TARGETS"
 CLK_TCK=$(getconf CLK_TCK)
 UPTIME_BEFORE=$(uptime | sed 's/^ *//')
+# CPU steal over the rounds, from /proc/stat (field 9 of the "cpu" line).
+proc_steal() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t }' /proc/stat; }
+read -r STEAL0 TOTAL0 < <(proc_steal)
 log "load before: $UPTIME_BEFORE"
 for t in "${TARGET_LIST[@]}"; do
     run_wrk "$t" "$WARMUP" "$WORK/warmup-$t.txt" >/dev/null
@@ -422,7 +485,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
         t=${TARGET_LIST[$(((i + r - 1) % n))]}
         out="$WORK/wrk-$r-$t.txt"
         read -r uticks sticks < <(run_wrk "$t" "$DURATION" "$out")
-        read -r requests rps p50 p99 non2xx errors < <(python3 "$HERE/report.py" wrk "$out")
+        read -r requests rps p50 p99 non2xx errors < <(python3 "$HERE/report.py" load "$out")
         per_req() { awk -v t="$1" -v hz="$CLK_TCK" -v n="$requests" \
             'BEGIN { if (n > 0) printf "%.2f", t * 1e6 / hz / n; else print "nan" }'; }
         cpu_us=$(per_req $((uticks + sticks)))
@@ -605,6 +668,8 @@ if [ "$MEMORY" = 1 ]; then
     stop_pid "$KG_PID"
 fi
 UPTIME_AFTER=$(uptime | sed 's/^ *//')
+read -r STEAL1 TOTAL1 < <(proc_steal)
+STEAL=$(awk -v s="$((STEAL1 - STEAL0))" -v t="$((TOTAL1 - TOTAL0))" 'BEGIN { if (t > 0) printf "%.1f%%", 100 * s / t; else print "?" }')
 
 # ---------------------------------------------------------------- report
 {
@@ -625,12 +690,20 @@ UPTIME_AFTER=$(uptime | sed 's/^ *//')
     echo "duration=$DURATION"
     echo "rounds=$ROUNDS"
     echo "warmup=$WARMUP"
+    echo "mode=$MODE"
+    echo "streams=$STREAMS"
+    echo "h2load=$(if [ "$H2" = 1 ]; then h2load --version 2>/dev/null | head -1; else echo 'not used'; fi)"
+    echo "steal=$STEAL"
 } >"$WORK/meta.env"
 {
     echo '```sh'
-    echo "ROUNDS=$ROUNDS DURATION=$DURATION bash benches/load/run.sh   # builds, starts everything, writes this section"
+    echo "MODE=$MODE ROUNDS=$ROUNDS DURATION=$DURATION bash benches/load/run.sh   # builds, starts everything, writes this section"
     echo "# per run (TARGET port differs; the token is a real key minted with \`keygate keys mint --json\`):"
-    echo "taskset -c $CLIENT_CPU wrk -t1 -c$CONNS -d$DURATION --latency -H 'Host: $HOST_HEADER' -H 'Authorization: Bearer <token>' http://127.0.0.1:<port>/api/x"
+    if [ "$H2" = 1 ]; then
+        echo "taskset -c $CLIENT_CPU h2load -t1 -c$CONNS -m$STREAMS -D$(secs "$DURATION") -H ':authority: $HOST_HEADER' -H 'Authorization: Bearer <token>' $SCHEME://127.0.0.1:<port>/api/x"
+    else
+        echo "taskset -c $CLIENT_CPU wrk -t1 -c$CONNS -d$DURATION --latency -H 'Host: $HOST_HEADER' -H 'Authorization: Bearer <token>'$(if [ "$MODE" = post ]; then echo " -s benches/load/post_1k.lua"; fi) $SCHEME://127.0.0.1:<port>/api/x"
+    fi
     echo "taskset -c $PROXY_CPU <upstream> 127.0.0.1:0      # benches/load/upstream.rs: current_thread hyper, answers 200 \"ok\""
     echo "taskset -c $PROXY_CPU keygate serve --config keygate.toml"
     echo "taskset -c $PROXY_CPU nginx -p <dir> -c nginx.conf   # 1 worker"
@@ -665,7 +738,7 @@ UPTIME_AFTER=$(uptime | sed 's/^ *//')
 python3 "$HERE/report.py" markdown "$WORK" >"$WORK/section.md"
 cat "$WORK/section.md"
 if [ "$WRITE" = 1 ]; then
-    python3 "$HERE/report.py" splice "$REPO/BENCHMARKS.md" "$WORK/section.md"
+    python3 "$HERE/report.py" splice "$REPO/BENCHMARKS.md" "$WORK/section.md" "$MODE"
     log "BENCHMARKS.md updated"
 else
     log "BENCHMARKS.md not written (WRITE=$WRITE; set WRITE=1 to force)"
