@@ -53,6 +53,9 @@ pub enum Rejection {
     Misdirected,
     /// The path is under a `policy.deny_prefixes` entry.
     Forbidden,
+    /// Outside the calling key's scope (contract §8): its role, its
+    /// workspaces, or a key-management call it may not make.
+    OutOfScope,
     /// A cookie-authenticated `POST`/`DELETE` on the keys API without a served `Origin`.
     CrossSiteOrigin,
     /// A `Connection` header that names `Content-Length`, `Transfer-Encoding`
@@ -99,10 +102,11 @@ pub enum Outcome {
     BadRequest,
     StoreUnavailable,
     UpstreamError,
+    OutOfScope,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Forwarded,
         Outcome::Answered,
         Outcome::Unauthorized,
@@ -111,6 +115,7 @@ impl Outcome {
         Outcome::BadRequest,
         Outcome::StoreUnavailable,
         Outcome::UpstreamError,
+        Outcome::OutOfScope,
     ];
 
     pub fn label(self) -> &'static str {
@@ -123,6 +128,7 @@ impl Outcome {
             Outcome::BadRequest => "bad_request",
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::OutOfScope => "out_of_scope",
         }
     }
 
@@ -150,7 +156,9 @@ impl Rejection {
                 StatusCode::METHOD_NOT_ALLOWED
             }
             Rejection::Misdirected => StatusCode::MISDIRECTED_REQUEST,
-            Rejection::Forbidden | Rejection::CrossSiteOrigin => StatusCode::FORBIDDEN,
+            Rejection::Forbidden | Rejection::CrossSiteOrigin | Rejection::OutOfScope => {
+                StatusCode::FORBIDDEN
+            }
             Rejection::Unauthorized => StatusCode::UNAUTHORIZED,
             Rejection::StoreUnavailable | Rejection::SessionVerifierUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -179,6 +187,7 @@ impl Rejection {
             Rejection::Misdirected => "misdirected request: host not served by this tenant",
             Rejection::Forbidden => "forbidden",
             Rejection::CrossSiteOrigin => "forbidden: cross-site request",
+            Rejection::OutOfScope => "forbidden: outside this key's scope",
             Rejection::FramingInConnection => {
                 "bad request: connection header names content-length, transfer-encoding or host"
             }
@@ -215,6 +224,7 @@ impl Rejection {
             | Rejection::PayloadTooLarge => Outcome::BadRequest,
             Rejection::Misdirected => Outcome::Misdirected,
             Rejection::Forbidden | Rejection::CrossSiteOrigin => Outcome::Forbidden,
+            Rejection::OutOfScope => Outcome::OutOfScope,
             Rejection::Unauthorized => Outcome::Unauthorized,
             Rejection::StoreUnavailable => Outcome::StoreUnavailable,
             Rejection::SessionVerifierUnavailable

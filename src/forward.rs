@@ -3,9 +3,10 @@
 //! framing fields go (keygate computes the framing from the body it
 //! forwards: [`crate::h1::Framing`]), client copies of identity headers go
 //! (in every spelling an app framework may fold into the same name), then
-//! keygate's own fields are added — the principal header last, and only
-//! from a [`Principal`], so no code path can forward an org-key request
-//! without a successful check. The transport is [`crate::upstream`].
+//! keygate's own fields are added — the principal header and the key's
+//! scope (role and workspaces headers, §8) last, and only from a
+//! [`Principal`], so no code path can forward an org-key request without a
+//! successful check, nor set its scope from anything a client sent. The transport is [`crate::upstream`].
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use http::{Method, Response, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 
+use crate::auth::scope::Role;
 use crate::auth::Principal;
 use crate::config::Config;
 use crate::error::{ErrorChain, Rejection};
@@ -67,6 +69,10 @@ pub struct Tunnel {
 pub struct Forwarder {
     upstream: Upstream,
     principal_header: HeaderName,
+    /// `auth.role_header` and `auth.workspaces_header` (§8): set or stripped
+    /// exactly like the principal header.
+    role_header: HeaderName,
+    workspaces_header: HeaderName,
     /// `Bearer <upstream.authorization>`, marked sensitive.
     authorization: Option<HeaderValue>,
 }
@@ -85,6 +91,8 @@ impl Forwarder {
         Ok(Forwarder {
             upstream: Upstream::new(config)?,
             principal_header: config.auth.principal_header.clone(),
+            role_header: config.auth.role_header.clone(),
+            workspaces_header: config.auth.workspaces_header.clone(),
             authorization,
         })
     }
@@ -249,6 +257,8 @@ impl Forwarder {
         };
         let org_key = matches!(own.identity, Identity::OrgKey(_));
         let principal = self.principal_header.as_str().as_bytes();
+        let role = self.role_header.as_str().as_bytes();
+        let workspaces = self.workspaces_header.as_str().as_bytes();
         let mut cookies_done = false;
         for (name, value) in headers {
             let s = name.as_str();
@@ -263,6 +273,8 @@ impl Forwarder {
             }
             let b = s.as_bytes();
             if folds_to(b, principal)
+                || folds_to(b, role)
+                || folds_to(b, workspaces)
                 || IDENTITY_HEADERS.iter().any(|t| folds_to(b, t.as_bytes()))
                 || listed.iter().any(|t| t.eq_ignore_ascii_case(b))
             {
@@ -326,7 +338,24 @@ impl Forwarder {
                 emit(&header::AUTHORIZATION, auth);
             }
             emit(&self.principal_header, principal.header_value());
+            // The scope, from the proof only (§8).
+            emit(&self.role_header, role_value(principal.role()));
+            if let Some(ids) = principal.workspaces_header() {
+                emit(&self.workspaces_header, ids);
+            }
         }
+    }
+}
+
+/// The value of `auth.role_header` for a key's role.
+fn role_value(role: Role) -> &'static HeaderValue {
+    static ADMIN: HeaderValue = HeaderValue::from_static("admin");
+    static EDITOR: HeaderValue = HeaderValue::from_static("editor");
+    static READER: HeaderValue = HeaderValue::from_static("reader");
+    match role {
+        Role::Admin => &ADMIN,
+        Role::Editor => &EDITOR,
+        Role::Reader => &READER,
     }
 }
 

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::app::App;
-use crate::auth::scope::{check_workspaces, Role};
+use crate::auth::scope::{check_workspaces, key_call_allowed, KeyCall, Role};
 use crate::auth::store::KeyRecord;
 use crate::auth::{Actor, MintError, MintRequest, Minted, OpContext};
 use crate::config::RateLimit;
@@ -40,12 +40,19 @@ pub async fn handle(
     request_id: &HeaderValue,
 ) -> Result<Response<ProxyBody>, Rejection> {
     // Who is asking: a key, or a verified browser session.
-    let (actor, by_session) = match identity {
-        Identity::OrgKey(p) => (Actor(format!("org-key:{}", p.prefix())), false),
+    let (actor, by_session, key) = match identity {
+        Identity::OrgKey(p) => (Actor(format!("org-key:{}", p.prefix())), false, Some(p)),
         Identity::Passthrough => {
             let user_id = session_user(app, &parts).await?;
-            (Actor(format!("session:{user_id}")), true)
+            (Actor(format!("session:{user_id}")), true, None)
         }
+    };
+    // §8: what a key may do here (sessions may do all of it).
+    let allowed = |call: KeyCall<'_>| match &key {
+        Some(p) => key_call_allowed(p.role(), p.workspaces(), p.key_id(), call)
+            .then_some(())
+            .ok_or(Rejection::OutOfScope),
+        None => Ok(()),
     };
     if by_session
         && (parts.method == Method::POST || parts.method == Method::DELETE)
@@ -65,11 +72,15 @@ pub async fn handle(
     let keys = app.auth.keys();
     match (route, &parts.method) {
         (KeysRoute::Collection, &Method::GET) => {
+            allowed(KeyCall::List)?;
             let records = keys.list().await.map_err(store_down)?;
             Ok(ok_json(&list_json(&records), request_id))
         }
         (KeysRoute::Collection, &Method::POST) => {
             let req = read_mint_request(body).await?;
+            allowed(KeyCall::Mint {
+                workspaces: &req.workspaces,
+            })?;
             match keys.mint(req, &ctx).await {
                 Ok(minted) => Ok(ok_json(&minted_json(&minted), request_id)),
                 Err(MintError::CeilingReached) => Err(Rejection::MintCeiling),
@@ -77,6 +88,7 @@ pub async fn handle(
             }
         }
         (KeysRoute::Item(id), &Method::DELETE) => {
+            allowed(KeyCall::OnKey { id })?;
             match keys.revoke(id, &ctx).await.map_err(store_down)? {
                 true => Ok(ok_json(&json!({ "revoked": id }), request_id)),
                 false => Err(Rejection::TokenNotFound),

@@ -2,6 +2,7 @@
 //!
 //! 1–3. [`request::Gate`]: target, Host, path — refusals never reach the app;
 //! 4.   credential: org keys validated by [`auth::Authenticator`];
+//! 4½.  a key's scope (§8): [`crate::request::scope`];
 //! 5.   `/org/tokens` answered by [`keys_api`];
 //! 6.   [`forward`] to the app.
 //!
@@ -255,6 +256,18 @@ async fn decide(
             (ForwardPolicy::Reject, None) => return Err(Rejection::Unauthorized),
         },
     };
+
+    // Step 4½: the key's scope (§8), for requests bound for the app. The
+    // key-management calls follow their own rule, in the keys API.
+    if let (Identity::OrgKey(principal), None) = (&identity, &admitted.keys_route) {
+        crate::request::scope::check(
+            &app.config.scopes,
+            principal.role(),
+            principal.workspaces(),
+            &parts.method,
+            parts.uri.path(),
+        )?;
+    }
 
     // Step 5: key management is answered here, never forwarded.
     if let Some(route) = &admitted.keys_route {

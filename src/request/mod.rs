@@ -19,6 +19,7 @@
 
 pub mod host;
 pub mod path;
+pub mod scope;
 pub mod target;
 
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};

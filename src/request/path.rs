@@ -199,7 +199,7 @@ impl Iterator for View<'_> {
 /// its escape (`/a%3Ab`), so such a prefix cannot be dodged by encoding it.
 /// For prefixes made of unreserved characters and `/` (the usual case) this
 /// is exactly the contract's byte-wise comparison.
-fn view_starts_with(path: &str, prefix: &[u8]) -> bool {
+pub(crate) fn view_starts_with(path: &str, prefix: &[u8]) -> bool {
     let mut view = View::new(path);
     prefix.iter().all(|&p| match view.next() {
         Some(v) if v == p => true,
@@ -209,6 +209,22 @@ fn view_starts_with(path: &str, prefix: &[u8]) -> bool {
         }
         _ => false,
     })
+}
+
+/// Where, in the raw `path`, the segment after a view prefix begins: the
+/// matching view of `path` starts with `prefix` (exactly, byte-wise; the
+/// prefix is a view that ends with `/`) and the raw bytes consumed for it are
+/// followed by byte `Some(i)`. `None` when the view does not start with the
+/// prefix. Used by the scope check (`request::scope`) to find a bound key's
+/// workspace segment in the path as received.
+pub(crate) fn raw_after_view_prefix(path: &str, prefix: &[u8]) -> Option<usize> {
+    let mut view = View::new(path);
+    for &p in prefix {
+        if view.next()? != p {
+            return None;
+        }
+    }
+    Some(view.i)
 }
 
 /// `/org/tokens`, `/org/tokens/`, `/org/tokens/{id}`, deeper: on the view.
