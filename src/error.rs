@@ -68,6 +68,8 @@ pub enum Rejection {
     /// An org key that is malformed, unknown, revoked, expired or another tenant's;
     /// or (with the `reject` policies) a missing/foreign credential.
     Unauthorized,
+    /// A key-management call (or request) outside the calling key's scope (§8).
+    OutOfScope,
     /// The key store could not answer in time and the key is not usable from cache.
     StoreUnavailable,
     /// The session verifier could not answer (keys API, cookie sessions).
@@ -150,7 +152,9 @@ impl Rejection {
                 StatusCode::METHOD_NOT_ALLOWED
             }
             Rejection::Misdirected => StatusCode::MISDIRECTED_REQUEST,
-            Rejection::Forbidden | Rejection::CrossSiteOrigin => StatusCode::FORBIDDEN,
+            Rejection::Forbidden | Rejection::CrossSiteOrigin | Rejection::OutOfScope => {
+                StatusCode::FORBIDDEN
+            }
             Rejection::Unauthorized => StatusCode::UNAUTHORIZED,
             Rejection::StoreUnavailable | Rejection::SessionVerifierUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -179,6 +183,7 @@ impl Rejection {
             Rejection::Misdirected => "misdirected request: host not served by this tenant",
             Rejection::Forbidden => "forbidden",
             Rejection::CrossSiteOrigin => "forbidden: cross-site request",
+            Rejection::OutOfScope => "forbidden: outside this key's scope",
             Rejection::FramingInConnection => {
                 "bad request: connection header names content-length, transfer-encoding or host"
             }
@@ -215,6 +220,8 @@ impl Rejection {
             | Rejection::PayloadTooLarge => Outcome::BadRequest,
             Rejection::Misdirected => Outcome::Misdirected,
             Rejection::Forbidden | Rejection::CrossSiteOrigin => Outcome::Forbidden,
+            // The scope helper gives this its own `out_of_scope` outcome.
+            Rejection::OutOfScope => Outcome::Forbidden,
             Rejection::Unauthorized => Outcome::Unauthorized,
             Rejection::StoreUnavailable => Outcome::StoreUnavailable,
             Rejection::SessionVerifierUnavailable

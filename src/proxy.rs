@@ -100,6 +100,8 @@ pub async fn handle(
         } else {
             None
         };
+    // The key that authenticated the request, once it did (usage, expiry notice).
+    let mut key = None;
     let decided = decide(
         &app,
         &conn,
@@ -108,9 +110,10 @@ pub async fn handle(
         client_upgrade,
         record.as_deref_mut(),
         judged,
+        &mut key,
     )
     .await;
-    let (outcome, response, tunnel) = match decided {
+    let (outcome, mut response, tunnel) = match decided {
         Ok(d) => (d.outcome, d.response, d.tunnel),
         Err(rejection) => (
             rejection.outcome(),
@@ -118,6 +121,7 @@ pub async fn handle(
             None,
         ),
     };
+    crate::key_notice::finish(&app, key.as_ref(), outcome, response.headers_mut());
     app.metrics.record_outcome(outcome);
     app.metrics
         .request_duration
@@ -204,6 +208,7 @@ async fn decide(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     mut record: Option<&mut AccessRecord>,
     judged: Judged,
+    key: &mut Option<crate::auth::Principal>,
 ) -> Result<Decided, Rejection> {
     let (parts, body) = req.into_parts();
 
@@ -234,6 +239,7 @@ async fn decide(
             }
             match app.auth.authenticate(tok).await {
                 Ok(principal) => {
+                    *key = Some(principal.clone());
                     if let Some(r) = record.as_deref_mut() {
                         r.key_id = Some(principal.clone());
                     }
