@@ -83,7 +83,10 @@ impl KeyService {
             return Ok(None);
         }
         let grace = req.grace.unwrap_or(inner.rotate_grace).min(MAX_GRACE);
+        // Whole seconds (rounded down), so the `expires_at` every answer and
+        // the expiry header show (RFC 3339, seconds) is the exact moment.
         let grace_end = now + chrono::Duration::from_std(grace).unwrap_or_default();
+        let grace_end = DateTime::from_timestamp(grace_end.timestamp(), 0).unwrap_or(grace_end);
         let token = token::mint(&inner.key_prefix);
         let new_hash = token::hash(token.expose());
         let record = KeyRecord {
