@@ -4,6 +4,8 @@
 //!   included (goal ≤ 1 µs). The future is polled once (a hit completes
 //!   without yielding), so no executor overhead is measured.
 //! * `auth/sha256`: the hash alone, for reference.
+//! * `auth/usage_count`: counting one request for per-key usage (§10, goal
+//!   ≤ 20 ns): a DashMap shard read and one atomic add.
 //! * `auth/cache_miss_redis`: a valid key that must be re-checked on every
 //!   request (`cache_ttl = 0`) against a `redis-server` on loopback that the
 //!   bench starts itself (skipped with a message if `redis-server` is missing).
@@ -90,6 +92,15 @@ fn bench_hit(c: &mut Criterion) {
         })
     });
     g.bench_function("sha256", |b| b.iter(|| token::hash(black_box(&token))));
+    // §10: counting one request for usage, as the request path does (the
+    // key already has a bucket for this hour; goal ≤ 20 ns).
+    let principal = match poll_once(auth.authenticate(&token)) {
+        Poll::Ready(Ok(p)) => p,
+        _ => panic!("cached key"),
+    };
+    g.bench_function("usage_count", |b| {
+        b.iter(|| auth.usage().count(black_box(&principal), false))
+    });
     g.finish();
 }
 

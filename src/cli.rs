@@ -355,6 +355,80 @@ pub fn keys_revoke(path: &Path, id: &str) -> Result<(), Failure> {
     })
 }
 
+/// `keygate keys rotate` (§9): the successor's token alone on stdout's first line.
+pub fn keys_rotate(
+    path: &Path,
+    id: &str,
+    grace: Option<String>,
+    json: bool,
+) -> Result<(), Failure> {
+    let grace = match grace {
+        None => None,
+        Some(g) => Some(crate::keys_rotate::parse_grace(&g).ok_or_else(|| {
+            Failure::Usage(format!(
+                "--grace: '{g}' is not a duration of at most 30d (e.g. 24h, 90m, 0s)"
+            ))
+        })?),
+    };
+    with_keys(path, async |_, keys| {
+        let req = crate::auth::RotateRequest {
+            grace,
+            expires_at: None,
+        };
+        match keys.rotate(id, req, &cli_context()).await {
+            Ok(Some(r)) => {
+                if json {
+                    println!("{}", crate::keys_rotate::rotated_json(&r));
+                } else {
+                    println!("{}", r.minted.token.expose());
+                    eprintln!("id: {} (rotated from {id})", r.minted.record.id);
+                    eprintln!("old key expires_at: {}", rfc3339(&r.old_expires_at));
+                    eprintln!("{}", crate::keys_api::MINT_WARNING);
+                }
+                Ok(())
+            }
+            Ok(None) => Err(Failure::Operation("not found or already revoked".into())),
+            Err(e) => Err(Failure::Operation(e.to_string())),
+        }
+    })
+}
+
+/// `keygate keys usage` (§10): a table of hours, or `--json` the usage route's object.
+pub fn keys_usage(path: &Path, id: &str, since: Option<String>, json: bool) -> Result<(), Failure> {
+    let since = match since {
+        None => None,
+        Some(s) => Some(
+            DateTime::parse_from_rfc3339(&s)
+                .map_err(|_| Failure::Usage(format!("--since: '{s}' is not an RFC 3339 time")))?
+                .with_timezone(&Utc),
+        ),
+    };
+    with_keys(path, async |_, keys| {
+        let report = match keys.usage(id, since).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Failure::Operation("not found".into())),
+            Err(e) => return Err(Failure::Operation(e.to_string())),
+        };
+        if json {
+            println!("{}", crate::keys_rotate::usage_json(&report));
+            return Ok(());
+        }
+        let rows: Vec<[String; 3]> = report
+            .hours
+            .iter()
+            .map(|h| {
+                [
+                    rfc3339(&crate::auth::usage::hour_start(h.hour)),
+                    h.requests.to_string(),
+                    h.refused.to_string(),
+                ]
+            })
+            .collect();
+        print_table(&["HOUR", "REQUESTS", "REFUSED"], &rows);
+        Ok(())
+    })
+}
+
 pub fn audit(path: &Path, since: Option<String>, json: bool) -> Result<(), Failure> {
     let since = match since {
         None => None,

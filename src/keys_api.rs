@@ -39,6 +39,11 @@ pub async fn handle(
     identity: Identity,
     request_id: &HeaderValue,
 ) -> Result<Response<ProxyBody>, Rejection> {
+    // The calling key, for the §8 rule of the per-key routes (None: a session).
+    let caller = match &identity {
+        Identity::OrgKey(p) => Some(p.clone()),
+        Identity::Passthrough => None,
+    };
     // Who is asking: a key, or a verified browser session.
     let (actor, by_session, key) = match identity {
         Identity::OrgKey(p) => (Actor(format!("org-key:{}", p.prefix())), false, Some(p)),
@@ -93,6 +98,15 @@ pub async fn handle(
                 true => Ok(ok_json(&json!({ "revoked": id }), request_id)),
                 false => Err(Rejection::TokenNotFound),
             }
+        }
+        (KeysRoute::Rotate(id), &Method::POST) => {
+            crate::keys_rotate::rotate(app, caller.as_ref(), id, body, &ctx, request_id).await
+        }
+        (KeysRoute::Usage(id), &Method::GET) => {
+            crate::keys_rotate::usage(app, caller.as_ref(), id, &parts, request_id).await
+        }
+        (KeysRoute::Rotate(_), _) | (KeysRoute::Usage(_), _) => {
+            Err(Rejection::KeysMethodNotAllowed)
         }
         (KeysRoute::Item(_), _) | (KeysRoute::Collection, _) => {
             Err(Rejection::KeysMethodNotAllowed)

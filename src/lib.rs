@@ -25,7 +25,9 @@
 pub mod auth;
 pub mod forward;
 pub mod h1;
+pub mod key_notice;
 pub mod keys_api;
+pub mod keys_rotate;
 pub mod listener;
 pub mod proxy;
 pub mod request;
@@ -160,5 +162,9 @@ async fn serve(app: Arc<App>, listeners: Listeners, shutdown: shutdown::Signal) 
     listener::serve(listeners.public, app.clone(), app.tls.clone(), shutdown).await;
     if let Some(log) = &app.access_log {
         log.flush();
+    }
+    // The usage counted since the last flush (§10), bounded by store.timeout.
+    if let Err(e) = app.auth.flush_usage().await {
+        tracing::warn!(error = %e, "usage could not be written at shutdown");
     }
 }

@@ -96,6 +96,32 @@ enum KeysCommand {
         /// The key id.
         id: String,
     },
+    /// Rotate a key: mint its successor; the old key keeps working for the grace.
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The key id.
+        id: String,
+        /// How long the old key keeps working (default keys.rotate_grace; at most 30d).
+        #[arg(long, value_name = "DUR")]
+        grace: Option<String>,
+        /// Print the same object as POST /org/tokens/{id}/rotate.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A key's usage per UTC hour.
+    Usage {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The key id.
+        id: String,
+        /// From the hour that contains this RFC 3339 time.
+        #[arg(long, value_name = "RFC3339")]
+        since: Option<String>,
+        /// Print the same object as GET /org/tokens/{id}/usage.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -128,6 +154,18 @@ fn main() -> ExitCode {
         Command::Keys(KeysCommand::Revoke { config, id }) => {
             cli::keys_revoke(&config_path(config.config), &id)
         }
+        Command::Keys(KeysCommand::Rotate {
+            config,
+            id,
+            grace,
+            json,
+        }) => cli::keys_rotate(&config_path(config.config), &id, grace, json),
+        Command::Keys(KeysCommand::Usage {
+            config,
+            id,
+            since,
+            json,
+        }) => cli::keys_usage(&config_path(config.config), &id, since, json),
         Command::Audit {
             config,
             since,

@@ -101,6 +101,8 @@ pub async fn handle(
         } else {
             None
         };
+    // The key that authenticated the request, once it did (usage, expiry notice).
+    let mut key = None;
     let decided = decide(
         &app,
         &conn,
@@ -109,9 +111,10 @@ pub async fn handle(
         client_upgrade,
         record.as_deref_mut(),
         judged,
+        &mut key,
     )
     .await;
-    let (outcome, response, tunnel) = match decided {
+    let (outcome, mut response, tunnel) = match decided {
         Ok(d) => (d.outcome, d.response, d.tunnel),
         Err(rejection) => (
             rejection.outcome(),
@@ -119,6 +122,7 @@ pub async fn handle(
             None,
         ),
     };
+    crate::key_notice::finish(&app, key.as_ref(), outcome, response.headers_mut());
     app.metrics.record_outcome(outcome);
     app.metrics
         .request_duration
@@ -197,6 +201,7 @@ struct Decided {
     tunnel: Option<Tunnel>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn decide(
     app: &App,
     conn: &ConnInfo,
@@ -205,6 +210,7 @@ async fn decide(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     mut record: Option<&mut AccessRecord>,
     judged: Judged,
+    key: &mut Option<crate::auth::Principal>,
 ) -> Result<Decided, Rejection> {
     let (parts, body) = req.into_parts();
 
@@ -235,6 +241,7 @@ async fn decide(
             }
             match app.auth.authenticate(tok).await {
                 Ok(principal) => {
+                    *key = Some(principal.clone());
                     if let Some(r) = record.as_deref_mut() {
                         r.key_id = Some(principal.clone());
                     }

@@ -189,7 +189,12 @@ fn rows() -> Vec<Row> {
     ]
 }
 
-async fn setup() -> (RedisServer, Upstream, RunHandle, Vec<(Key, &'static str, &'static str)>) {
+async fn setup() -> (
+    RedisServer,
+    Upstream,
+    RunHandle,
+    Vec<(Key, &'static str, &'static str)>,
+) {
     let redis = RedisServer::start();
     let up = Upstream::start().await;
     let kg = kg::start_live(&config(&up, &redis)).await;
@@ -231,7 +236,10 @@ async fn each_role_over_http1() {
         } else {
             assert_eq!(r.status, 403, "{what}: {r:?}");
             assert_eq!(r.error(), OUT_OF_SCOPE, "{what}");
-            assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+            assert_eq!(
+                r.header("content-type").as_deref(),
+                Some("application/json")
+            );
             assert_eq!(up.count(), forwarded, "{what}: a refusal reached the app");
         }
     }
@@ -320,12 +328,22 @@ async fn key_management_follows_section_8() {
     assert_eq!(live(api::list(addr, &admin.token).await), before);
 
     // What may be minted, and the minted scope is what was asked.
-    let r = api::mint(addr, &bound_admin.token, r#"{"role":"editor","workspaces":["ws_1"]}"#).await;
+    let r = api::mint(
+        addr,
+        &bound_admin.token,
+        r#"{"role":"editor","workspaces":["ws_1"]}"#,
+    )
+    .await;
     assert_eq!(r.status, 200, "{r:?}");
     let v = r.json();
     assert_eq!(v["role"], "editor");
     assert_eq!(v["workspaces"], serde_json::json!(["ws_1"]));
-    let r = api::mint(addr, &admin.token, r#"{"role":"reader","workspaces":["a","b"]}"#).await;
+    let r = api::mint(
+        addr,
+        &admin.token,
+        r#"{"role":"reader","workspaces":["a","b"]}"#,
+    )
+    .await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["role"], "reader");
 

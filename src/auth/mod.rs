@@ -41,9 +41,11 @@ pub mod cache;
 pub mod credential;
 mod keys;
 pub mod principal;
+mod rotate;
 pub mod scope;
 pub mod store;
 pub mod token;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -56,6 +58,7 @@ use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use cache::{Cache, Flights, Probe};
 pub use keys::{Actor, KeyService, MintError, MintRequest, Minted, OpContext};
 pub use principal::Principal;
+pub use rotate::{RotateRequest, Rotated, UsageReport, MAX_GRACE};
 use store::{FeedEvent, Store, StoreError};
 use token::KeyHash;
 
@@ -113,6 +116,12 @@ struct Inner {
     touches: Mutex<HashMap<KeyHash, DateTime<Utc>>>,
     /// What open tunnels listen to (see [`Authenticator::key_ends`]).
     events: broadcast::Sender<KeyEvent>,
+    /// Per-key usage counters (§10), written behind by the flush task.
+    usage: usage::Usage,
+    usage_flush: Duration,
+    rotate_grace: Duration,
+    usage_retention: Duration,
+    rotating: rotate::InFlight,
     /// Revocations applied in the last minute, so that
     /// `keygate_revocations_total` counts each once although a revoke served
     /// here also comes back on the feed (in either order).
@@ -149,7 +158,7 @@ impl Authenticator {
         });
 
         let touch_inner = inner.clone();
-        let mut touch_stop = stopped;
+        let mut touch_stop = stopped.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(TOUCH_FLUSH_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -163,6 +172,10 @@ impl Authenticator {
                 }
             }
         });
+
+        let usage_inner = inner.clone();
+        let mut usage_stop = stopped.clone();
+        tokio::spawn(async move { usage_inner.usage_task(&mut usage_stop).await });
 
         Arc::new(Authenticator {
             keys: KeyService { inner },
@@ -181,6 +194,18 @@ impl Authenticator {
     /// revoke served here is effective for the very next request.
     pub fn keys(&self) -> &KeyService {
         &self.keys
+    }
+
+    /// Per-key usage counters (§10): call `usage().count(..)` for every
+    /// key-authenticated request keygate answers or forwards.
+    pub fn usage(&self) -> &usage::Usage {
+        &self.keys.inner.usage
+    }
+
+    /// Write the usage counted so far now (shutdown, tests).
+    pub async fn flush_usage(&self) -> Result<(), StoreError> {
+        let inner = &self.keys.inner;
+        inner.usage.flush(&inner.store, inner.store_timeout).await
     }
 
     /// Readiness: `(store_ok, feed_live)`; the ping is bounded by `store.timeout`.
@@ -275,6 +300,11 @@ impl Inner {
             touches: Mutex::new(HashMap::new()),
             events: broadcast::channel(KEY_EVENTS).0,
             applied_revocations: Mutex::new(HashMap::new()),
+            usage: usage::Usage::new(config.keys.usage_retention),
+            usage_flush: config.keys.usage_flush,
+            rotate_grace: config.keys.rotate_grace,
+            usage_retention: config.keys.usage_retention,
+            rotating: rotate::InFlight::default(),
         }
     }
 
@@ -403,6 +433,7 @@ impl Inner {
     fn on_feed(&self, event: FeedEvent) {
         match event {
             FeedEvent::Revoked(hash) => self.apply_revocation(&hash),
+            FeedEvent::Changed(hash) => self.apply_expiry_change(&hash),
             FeedEvent::Lost => {
                 if self.cache.feed_live() {
                     tracing::warn!("revocation feed lost: cached keys are re-checked");
@@ -415,6 +446,48 @@ impl Inner {
                 self.cache.feed_connected();
                 let _ = self.events.send(KeyEvent::Recheck);
             }
+        }
+    }
+
+    /// A key's `expires_at` changed (a rotation here or on another
+    /// instance): drop its entry so that the next request re-reads it, and
+    /// let its tunnels re-check. Not a revocation (not counted as one).
+    fn apply_expiry_change(&self, hash: &KeyHash) {
+        self.cache.revoke(hash);
+        let _ = self.events.send(KeyEvent::Recheck);
+        self.update_size();
+    }
+
+    /// Keep the usage hour current; flush every `keys.usage_flush`, and once
+    /// more when stopped.
+    async fn usage_task(&self, stop: &mut watch::Receiver<()>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1).min(self.usage_flush));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.usage.tick();
+                    if last.elapsed() >= self.usage_flush {
+                        last = Instant::now();
+                        self.flush_usage_logged().await;
+                    }
+                }
+                _ = stop.changed() => {
+                    self.flush_usage_logged().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn flush_usage_logged(&self) {
+        if let Err(e) = self.usage.flush(&self.store, self.store_timeout).await {
+            self.metrics
+                .store_errors
+                .with_label_values(&["usage"])
+                .inc();
+            tracing::debug!(error = %e, unflushed = self.usage.unflushed(), "usage write-behind failed; retried at the next flush");
         }
     }
 

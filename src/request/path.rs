@@ -36,6 +36,10 @@ pub enum KeysRoute {
     /// `/org/tokens/{id}`: the id as it appears in the raw path (original
     /// case), unreserved escapes decoded.
     Item(String),
+    /// `/org/tokens/{id}/rotate` (contract §9); the id as for `Item`.
+    Rotate(String),
+    /// `/org/tokens/{id}/usage` (contract §10); the id as for `Item`.
+    Usage(String),
     /// Deeper under `/org/tokens/` (`/org/tokens/a/b`, `/org/tokens/a/`):
     /// answered 404 by keygate, never forwarded.
     Unknown,
@@ -244,12 +248,37 @@ fn keys_route(path: &str) -> Option<KeysRoute> {
         return Some(KeysRoute::Collection);
     }
     if view.any(|c| c == b'/') {
-        return Some(KeysRoute::Unknown);
+        return Some(sub_route(path).unwrap_or(KeysRoute::Unknown));
     }
     // The raw path ends with the id's segment (the view has no trailing slash,
     // so neither has the raw path).
     let raw = path.rsplit('/').next().unwrap_or_default();
     Some(KeysRoute::Item(decode_unreserved(raw)))
+}
+
+/// `/org/tokens/{id}/rotate` and `/org/tokens/{id}/usage` (the route part
+/// compared like the matching view: unreserved escapes decoded, any case;
+/// repeated slashes merged). Anything else deeper is `None` (→ `Unknown`).
+fn sub_route(path: &str) -> Option<KeysRoute> {
+    if path.ends_with('/') {
+        return None;
+    }
+    // The caller matched `/org/tokens/` on the view: the raw path's non-empty
+    // segments are `org`, `tokens`, then the rest.
+    let mut segs = path.split('/').filter(|s| !s.is_empty()).skip(2);
+    let (id, action) = (segs.next()?, segs.next()?);
+    if segs.next().is_some() {
+        return None;
+    }
+    let id = decode_unreserved(id);
+    let action = decode_unreserved(action);
+    if action.eq_ignore_ascii_case("rotate") {
+        Some(KeysRoute::Rotate(id))
+    } else if action.eq_ignore_ascii_case("usage") {
+        Some(KeysRoute::Usage(id))
+    } else {
+        None
+    }
 }
 
 /// `seg` with unreserved escapes decoded, case kept.
@@ -680,6 +709,16 @@ mod tests {
         k!("/org/tokens/a%20b", Some(Item("a%20b".into())));
         k!("/org/tokens/a.b", Some(Item("a.b".into())));
         k!("/org/tokens/a/b", Some(Unknown));
+        k!("/org/tokens/AbC/rotate", Some(Rotate("AbC".into())));
+        k!("/org/tokens/AbC/ROTATE", Some(Rotate("AbC".into())));
+        k!("/org/tokens//AbC//rotate", Some(Rotate("AbC".into())));
+        k!("/org/tokens/%41b/%72otate", Some(Rotate("Ab".into())));
+        k!("/org/tokens/AbC/usage", Some(Usage("AbC".into())));
+        k!("/org/tokens/AbC/Usage", Some(Usage("AbC".into())));
+        k!("/org/tokens/AbC/rotate/", Some(Unknown));
+        k!("/org/tokens/AbC/rotate/x", Some(Unknown));
+        k!("/org/tokens/AbC/rotatex", Some(Unknown));
+        k!("/org/tokens/AbC/usage.json", Some(Unknown));
         k!("/org/tokens/a/", Some(Unknown));
         k!("/org/tokens/a//", Some(Unknown));
         k!("/org/tokens/a/b/c", Some(Unknown));

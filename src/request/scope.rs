@@ -42,10 +42,10 @@ pub fn check(
 ) -> Result<(), Rejection> {
     let role_allows = match role {
         Role::Admin => true,
-        Role::Editor => !rules
-            .admin_only
-            .iter()
-            .any(|r| r.method.as_ref().is_none_or(|m| m == method) && view_starts_with(path, r.prefix.as_bytes())),
+        Role::Editor => !rules.admin_only.iter().any(|r| {
+            r.method.as_ref().is_none_or(|m| m == method)
+                && view_starts_with(path, r.prefix.as_bytes())
+        }),
         Role::Reader => matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS),
     };
     if !role_allows {
@@ -147,7 +147,9 @@ mod tests {
         check(&rules(), role, &ws(ids), &m, path).is_ok()
     }
 
-    const METHODS: &[&str] = &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "PURGE"];
+    const METHODS: &[&str] = &[
+        "GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "PURGE",
+    ];
 
     #[test]
     fn roles_by_method_unbound() {
@@ -156,7 +158,11 @@ mod tests {
                 let safe = matches!(*m, "GET" | "HEAD" | "OPTIONS");
                 assert!(decide(Role::Admin, &[], m, path), "admin {m} {path}");
                 assert!(decide(Role::Editor, &[], m, path), "editor {m} {path}");
-                assert_eq!(decide(Role::Reader, &[], m, path), safe, "reader {m} {path}");
+                assert_eq!(
+                    decide(Role::Reader, &[], m, path),
+                    safe,
+                    "reader {m} {path}"
+                );
             }
         }
     }
@@ -169,8 +175,8 @@ mod tests {
             ("POST", "/org/import/", false),
             ("POST", "/org/imports", false), // byte-wise prefix, like deny_prefixes
             ("POST", "/org/import.json", false),
-            ("POST", "/ORG/Import", false), // the view is lower-case
-            ("POST", "/org//import", false), // repeated slashes merge
+            ("POST", "/ORG/Import", false),   // the view is lower-case
+            ("POST", "/org//import", false),  // repeated slashes merge
             ("POST", "/org/%69mport", false), // unreserved escapes decoded
             ("POST", "/org/impor", true),
             ("POST", "/api/org/import", true),
@@ -181,10 +187,18 @@ mod tests {
             ("GET", "/bundles/imp", true),
         ];
         for (m, path, editor) in rows {
-            assert_eq!(decide(Role::Editor, &[], m, path), editor, "editor {m} {path}");
+            assert_eq!(
+                decide(Role::Editor, &[], m, path),
+                editor,
+                "editor {m} {path}"
+            );
             assert!(decide(Role::Admin, &[], m, path), "admin {m} {path}");
             let safe = matches!(m, "GET" | "HEAD" | "OPTIONS");
-            assert_eq!(decide(Role::Reader, &[], m, path), safe, "reader {m} {path}");
+            assert_eq!(
+                decide(Role::Reader, &[], m, path),
+                safe,
+                "reader {m} {path}"
+            );
         }
         // No rules: an editor may do anything.
         let none = ScopesConfig {
@@ -263,8 +277,22 @@ mod tests {
             }],
         };
         let w = ws(two);
-        assert!(check(&inside, Role::Editor, &w, &Method::DELETE, "/workspaces/ws_1").is_err());
-        assert!(check(&inside, Role::Admin, &w, &Method::DELETE, "/workspaces/ws_1").is_ok());
+        assert!(check(
+            &inside,
+            Role::Editor,
+            &w,
+            &Method::DELETE,
+            "/workspaces/ws_1"
+        )
+        .is_err());
+        assert!(check(
+            &inside,
+            Role::Admin,
+            &w,
+            &Method::DELETE,
+            "/workspaces/ws_1"
+        )
+        .is_ok());
     }
 
     #[test]
@@ -298,11 +326,55 @@ mod tests {
         /// Pieces an attacker would combine around a workspace path.
         fn piece() -> impl Strategy<Value = String> {
             prop::sample::select(vec![
-                "/", "//", "workspaces", "Workspaces", "WORKSPACES", "workspace", "ws_a", "ws_b",
-                "WS_A", "Ws_a", "ws_", "ws", "_a", "a", "b", "A", "ws_a0", "ws_ab", "%5f", "%5F",
-                "%77", "%57", "%61", "%41", "%62", "%2d", "%7e", "%20", "%2B", "%2f", "%2F",
-                "%2e", "%2E", "%25", "%255f", "%5c", ".", "..", "\\", ";", ";x", "-", "_", "~",
-                ":", "@", "+", "%", "%0",
+                "/",
+                "//",
+                "workspaces",
+                "Workspaces",
+                "WORKSPACES",
+                "workspace",
+                "ws_a",
+                "ws_b",
+                "WS_A",
+                "Ws_a",
+                "ws_",
+                "ws",
+                "_a",
+                "a",
+                "b",
+                "A",
+                "ws_a0",
+                "ws_ab",
+                "%5f",
+                "%5F",
+                "%77",
+                "%57",
+                "%61",
+                "%41",
+                "%62",
+                "%2d",
+                "%7e",
+                "%20",
+                "%2B",
+                "%2f",
+                "%2F",
+                "%2e",
+                "%2E",
+                "%25",
+                "%255f",
+                "%5c",
+                ".",
+                "..",
+                "\\",
+                ";",
+                ";x",
+                "-",
+                "_",
+                "~",
+                ":",
+                "@",
+                "+",
+                "%",
+                "%0",
             ])
             .prop_map(str::to_string)
         }
@@ -322,13 +394,19 @@ mod tests {
                     "/",
                     "//workspaces/",
                 ]),
-                prop::sample::select(vec!["ws_a", "ws_a", "ws_a", "ws_b", "ws%5Fa", "ws%5fb", "WS_A", "ws_ab", ""]),
+                prop::sample::select(vec![
+                    "ws_a", "ws_a", "ws_a", "ws_b", "ws%5Fa", "ws%5fb", "WS_A", "ws_ab", "",
+                ]),
                 prop::sample::select(vec!["", "", "/", "/x/", ""]),
                 prop::collection::vec(piece(), 0..8),
                 any::<bool>(),
             )
                 .prop_map(|(head, id, sep, tail, short)| {
-                    let tail = if short { &tail[..tail.len().min(1)] } else { &tail[..] };
+                    let tail = if short {
+                        &tail[..tail.len().min(1)]
+                    } else {
+                        &tail[..]
+                    };
                     format!("{head}{id}{sep}{}", tail.concat())
                 })
         }
@@ -438,12 +516,17 @@ mod tests {
         }
 
         /// The normalisations back-ends apply (those of the path proptest).
-        const NORMS: &[fn(&[u8]) -> Vec<u8>] = &[
+        type Norm = fn(&[u8]) -> Vec<u8>;
+        const NORMS: &[Norm] = &[
             decode_once,
             decode_all,
             remove_dots,
             merge_slashes,
-            |p| p.iter().map(|&c| if c == b'\\' { b'/' } else { c }).collect(),
+            |p| {
+                p.iter()
+                    .map(|&c| if c == b'\\' { b'/' } else { c })
+                    .collect()
+            },
             strip_params,
             <[u8]>::to_ascii_lowercase,
         ];
@@ -516,7 +599,10 @@ mod tests {
                     Err(_) => outside += 1,
                 }
             }
-            assert!(inside > 200 && outside > 300, "inside {inside} outside {outside}");
+            assert!(
+                inside > 200 && outside > 300,
+                "inside {inside} outside {outside}"
+            );
         }
     }
 }

@@ -11,7 +11,10 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, mpsc};
 
-use super::{AuditEntry, FeedEvent, KeyRecord, MintOutcome, StoreError};
+use super::{
+    AuditEntry, FeedEvent, KeyRecord, KeyState, MintOutcome, RotateOp, StoreError, UsageDelta,
+    UsageHour,
+};
 use crate::auth::token::KeyHash;
 
 /// Revocations buffered per feed subscriber before it counts as lagging
@@ -21,7 +24,8 @@ const FEED_CAPACITY: usize = 1024;
 pub struct MemoryStore {
     slug: String,
     inner: Mutex<Inner>,
-    revoked: broadcast::Sender<KeyHash>,
+    /// Revocations and expiry changes, for the feed subscribers.
+    revoked: broadcast::Sender<FeedEvent>,
 }
 
 #[derive(Default)]
@@ -29,6 +33,12 @@ struct Inner {
     keys: HashMap<KeyHash, KeyRecord>,
     ids: HashMap<String, KeyHash>,
     audit: Vec<AuditEntry>,
+    /// Rotated keys: old id -> successor id (§9).
+    rotated_to: HashMap<String, String>,
+    /// Usage buckets (§10): (key id, hour) -> (requests, refused).
+    usage: HashMap<(String, i64), (u64, u64)>,
+    /// Usage batches already added (retries are not added twice).
+    usage_markers: std::collections::HashSet<String>,
 }
 
 impl MemoryStore {
@@ -110,7 +120,7 @@ impl MemoryStore {
             hash
         };
         // No subscriber is not an error: nobody is listening yet.
-        let _ = self.revoked.send(hash);
+        let _ = self.revoked.send(FeedEvent::Revoked(hash));
         Some(hash)
     }
 
@@ -134,6 +144,80 @@ impl MemoryStore {
             .collect()
     }
 
+    pub fn lookup_id(&self, id: &str) -> Option<KeyState> {
+        let inner = self.inner();
+        let hash = *inner.ids.get(id)?;
+        let record = inner.keys.get(&hash)?.clone();
+        Some(KeyState {
+            hash,
+            record,
+            rotated_to: inner.rotated_to.get(id).cloned().unwrap_or_default(),
+        })
+    }
+
+    /// The same checks and effects as `scripts/rotate.lua`, under one lock.
+    pub fn rotate(&self, op: &RotateOp<'_>) -> Option<DateTime<Utc>> {
+        let now = Utc::now();
+        let old_expires = {
+            let mut inner = self.inner();
+            if inner.ids.get(op.old_id) != Some(&op.old_hash) {
+                return None;
+            }
+            let seen = inner.rotated_to.get(op.old_id).map_or("", String::as_str);
+            if seen != op.expect_rotated_to {
+                return None;
+            }
+            if inner.keys.contains_key(&op.new_hash) || inner.ids.contains_key(&op.new_record.id) {
+                return None;
+            }
+            let record = inner.keys.get_mut(&op.old_hash)?;
+            if !record.is_live(now) {
+                return None;
+            }
+            if record.expires_at.is_none_or(|e| op.grace_end < e) {
+                record.expires_at = Some(op.grace_end);
+            }
+            let old_expires = record.expires_at;
+            inner
+                .rotated_to
+                .insert(op.old_id.to_string(), op.new_record.id.clone());
+            inner.keys.insert(op.new_hash, op.new_record.clone());
+            inner.ids.insert(op.new_record.id.clone(), op.new_hash);
+            inner.audit.push(op.audit.clone());
+            old_expires
+        };
+        let _ = self.revoked.send(FeedEvent::Changed(op.old_hash));
+        old_expires
+    }
+
+    pub fn add_usage(&self, marker: &str, deltas: &[UsageDelta], _retention: std::time::Duration) {
+        let mut inner = self.inner();
+        if !inner.usage_markers.insert(marker.to_string()) {
+            return;
+        }
+        for d in deltas {
+            let b = inner.usage.entry((d.key_id.clone(), d.hour)).or_default();
+            b.0 += d.requests;
+            b.1 += d.refused;
+        }
+    }
+
+    pub fn usage(&self, id: &str, from: i64, to: i64) -> Vec<UsageHour> {
+        let inner = self.inner();
+        let mut out: Vec<UsageHour> = inner
+            .usage
+            .iter()
+            .filter(|((k, h), c)| k == id && (from..=to).contains(h) && (c.0 > 0 || c.1 > 0))
+            .map(|((_, h), c)| UsageHour {
+                hour: *h,
+                requests: c.0,
+                refused: c.1,
+            })
+            .collect();
+        out.sort_by_key(|u| u.hour);
+        out
+    }
+
     /// Forward revocations to `events` until it is closed. `Connected` is sent
     /// once the subscription exists, so no revocation after it is missed.
     pub fn spawn_revocation_feed(&self, events: mpsc::UnboundedSender<FeedEvent>) {
@@ -148,7 +232,7 @@ impl MemoryStore {
                     r = rx.recv() => r,
                 };
                 let sent = match event {
-                    Ok(hash) => events.send(FeedEvent::Revoked(hash)),
+                    Ok(event) => events.send(event),
                     Err(broadcast::error::RecvError::Lagged(_)) => events
                         .send(FeedEvent::Lost)
                         .and_then(|()| events.send(FeedEvent::Connected)),

@@ -85,6 +85,8 @@ pub enum FeedEvent {
     Connected,
     /// A key was revoked (by any keygate sharing the store).
     Revoked(KeyHash),
+    /// A key's `expires_at` changed (a rotation, §9): re-check it now.
+    Changed(KeyHash),
     /// The feed lost its connection: revocations may be missed until `Connected`.
     Lost,
 }
@@ -96,8 +98,11 @@ pub enum Store {
     Redis(Arc<redis::RedisStore>),
 }
 
+mod lifecycle;
 pub mod memory;
 pub mod redis;
+
+pub use lifecycle::{KeyState, RotateOp, UsageDelta, UsageHour};
 
 impl Store {
     /// A fresh in-memory store for tenant `slug`.

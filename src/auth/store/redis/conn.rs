@@ -204,6 +204,8 @@ impl RedisStore {
             mint: Lua::new(lua::MINT),
             revoke: Lua::new(lua::REVOKE),
             touch: Lua::new(lua::TOUCH),
+            rotate: Lua::new(lua::ROTATE),
+            usage_add: Lua::new(lua::USAGE_ADD),
         })
     }
 

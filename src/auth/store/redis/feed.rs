@@ -139,11 +139,13 @@ impl RedisStore {
         tick.tick().await; // the first tick is immediate
         let wait = self.feed_wait();
         let forward = |payload: &[u8]| -> bool {
-            match std::str::from_utf8(payload)
-                .ok()
-                .and_then(KeyHash::from_hex)
-            {
-                Some(hash) => events.send(FeedEvent::Revoked(hash)).is_ok(),
+            let text = std::str::from_utf8(payload).ok();
+            let event = match text.and_then(|t| t.strip_prefix(super::lifecycle::CHANGED_PREFIX)) {
+                Some(hex) => KeyHash::from_hex(hex).map(FeedEvent::Changed),
+                None => text.and_then(KeyHash::from_hex).map(FeedEvent::Revoked),
+            };
+            match event {
+                Some(event) => events.send(event).is_ok(),
                 None => {
                     tracing::warn!("revocation feed: ignoring a malformed message");
                     true

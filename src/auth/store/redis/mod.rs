@@ -88,6 +88,7 @@
 
 mod conn;
 mod feed;
+mod lifecycle;
 mod lua;
 mod records;
 
@@ -104,7 +105,7 @@ use lua::Lua;
 use records::{audit_fields, opt_rfc3339, parse_audit, parse_record, record_fields, rfc3339, Keys};
 
 /// Cap on the audit stream (`XADD MAXLEN ~`).
-const AUDIT_MAXLEN: u32 = 100_000;
+pub(super) const AUDIT_MAXLEN: u32 = 100_000;
 /// Records per `touch` script invocation.
 const TOUCH_BATCH: usize = 256;
 /// `audit(since)` reads stream ids from this long before `since` and filters
@@ -123,6 +124,8 @@ pub struct RedisStore {
     mint: Lua,
     revoke: Lua,
     touch: Lua,
+    rotate: Lua,
+    usage_add: Lua,
 }
 
 impl std::fmt::Debug for RedisStore {
