@@ -86,6 +86,9 @@ pub enum Rejection {
     UpstreamUnreachable,
     /// The app did not send its response head within `upstream.timeout`.
     UpstreamTimeout,
+    /// §11: the key's rate limit is used up for this window (the
+    /// `RateLimit-*` headers and `Retry-After` are added by `proxy::handle`).
+    RateLimited,
 }
 
 /// The `outcome` label of `keygate_requests_total`.
@@ -99,10 +102,11 @@ pub enum Outcome {
     BadRequest,
     StoreUnavailable,
     UpstreamError,
+    RateLimited,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Forwarded,
         Outcome::Answered,
         Outcome::Unauthorized,
@@ -111,6 +115,7 @@ impl Outcome {
         Outcome::BadRequest,
         Outcome::StoreUnavailable,
         Outcome::UpstreamError,
+        Outcome::RateLimited,
     ];
 
     pub fn label(self) -> &'static str {
@@ -123,6 +128,7 @@ impl Outcome {
             Outcome::BadRequest => "bad_request",
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::RateLimited => "rate_limited",
         }
     }
 
@@ -156,7 +162,7 @@ impl Rejection {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Rejection::TokenNotFound | Rejection::NotFound => StatusCode::NOT_FOUND,
-            Rejection::MintCeiling => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::MintCeiling | Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Rejection::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -194,6 +200,7 @@ impl Rejection {
             Rejection::PayloadTooLarge => "request body too large",
             Rejection::UpstreamUnreachable => "bad gateway: upstream unreachable",
             Rejection::UpstreamTimeout => "gateway timeout: upstream did not answer in time",
+            Rejection::RateLimited => "rate limit exceeded",
         }
     }
 
@@ -223,6 +230,7 @@ impl Rejection {
             | Rejection::KeysMethodNotAllowed
             | Rejection::MintCeiling => Outcome::Answered,
             Rejection::UpstreamUnreachable | Rejection::UpstreamTimeout => Outcome::UpstreamError,
+            Rejection::RateLimited => Outcome::RateLimited,
         }
     }
 

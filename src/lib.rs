@@ -28,6 +28,7 @@ pub mod h1;
 pub mod keys_api;
 pub mod listener;
 pub mod proxy;
+pub mod ratelimit;
 pub mod request;
 pub mod session;
 pub mod tls;

@@ -100,6 +100,7 @@ pub async fn handle(
         } else {
             None
         };
+    let mut rate = None;
     let decided = decide(
         &app,
         &conn,
@@ -108,9 +109,10 @@ pub async fn handle(
         client_upgrade,
         record.as_deref_mut(),
         judged,
+        &mut rate,
     )
     .await;
-    let (outcome, response, tunnel) = match decided {
+    let (outcome, mut response, tunnel) = match decided {
         Ok(d) => (d.outcome, d.response, d.tunnel),
         Err(rejection) => (
             rejection.outcome(),
@@ -118,6 +120,10 @@ pub async fn handle(
             None,
         ),
     };
+    // §11: every response to a rate-limited key, let through or not.
+    if let Some(rate) = rate {
+        rate.apply(response.headers_mut());
+    }
     app.metrics.record_outcome(outcome);
     app.metrics
         .request_duration
@@ -204,6 +210,7 @@ async fn decide(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     mut record: Option<&mut AccessRecord>,
     judged: Judged,
+    rate: &mut Option<crate::ratelimit::RateHeaders>,
 ) -> Result<Decided, Rejection> {
     let (parts, body) = req.into_parts();
 
@@ -255,6 +262,20 @@ async fn decide(
             (ForwardPolicy::Reject, None) => return Err(Rejection::Unauthorized),
         },
     };
+
+    // Step 4¾ (§11): the key's rate limit, after the scope check; requests
+    // refused before this point never consume budget.
+    if let Identity::OrgKey(principal) = &identity {
+        match app.ratelimit.admit(principal).await {
+            Ok(headers) => *rate = headers,
+            Err(headers) => {
+                *rate = Some(headers);
+                // TODO(usage, §10): count this 429 as `refused` here once
+                // usage lands: `app.usage.count(principal, true)`.
+                return Err(Rejection::RateLimited);
+            }
+        }
+    }
 
     // Step 5: key management is answered here, never forwarded.
     if let Some(route) = &admitted.keys_route {

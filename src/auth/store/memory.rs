@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, mpsc};
 
-use super::{AuditEntry, FeedEvent, KeyRecord, MintOutcome, StoreError};
+use super::{AuditEntry, FeedEvent, KeyRecord, MintOutcome, RateGrant, RateSync, StoreError};
 use crate::auth::token::KeyHash;
 
 /// Revocations buffered per feed subscriber before it counts as lagging
@@ -29,6 +29,8 @@ struct Inner {
     keys: HashMap<KeyHash, KeyRecord>,
     ids: HashMap<String, KeyHash>,
     audit: Vec<AuditEntry>,
+    /// §11 window counters: (key id, window start s) -> (reserved, expires at ms).
+    rate: HashMap<(String, u64), (u64, u64)>,
 }
 
 impl MemoryStore {
@@ -50,6 +52,34 @@ impl MemoryStore {
         // A panic while holding the lock cannot leave the maps half-updated in
         // a way that matters more than losing the store: keep serving.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Same semantics as the Redis script (`scripts/ratelimit.lua`).
+    pub fn rate_sync(&self, items: &[RateSync]) -> Vec<RateGrant> {
+        let now = Utc::now().timestamp_millis().max(0) as u64;
+        let mut inner = self.inner();
+        inner.rate.retain(|_, (_, exp)| *exp > now);
+        items
+            .iter()
+            .map(|it| {
+                let slot = inner
+                    .rate
+                    .entry((it.key_id.clone(), it.window_start_s))
+                    .or_insert((0, 0));
+                let granted = it
+                    .limit
+                    .saturating_sub(slot.0.saturating_add(it.add))
+                    .min(it.ask);
+                if it.add + granted > 0 {
+                    slot.0 += it.add + granted;
+                    slot.1 = now + it.ttl_ms;
+                }
+                RateGrant {
+                    granted,
+                    total: slot.0,
+                }
+            })
+            .collect()
     }
 
     pub fn lookup(&self, hash: &KeyHash) -> Option<KeyRecord> {

@@ -204,6 +204,7 @@ impl RedisStore {
             mint: Lua::new(lua::MINT),
             revoke: Lua::new(lua::REVOKE),
             touch: Lua::new(lua::TOUCH),
+            ratelimit: Lua::new(lua::RATELIMIT),
         })
     }
 

@@ -10,6 +10,7 @@ use super::conn::Conn;
 pub(super) const MINT: &str = include_str!("scripts/mint.lua");
 pub(super) const REVOKE: &str = include_str!("scripts/revoke.lua");
 pub(super) const TOUCH: &str = include_str!("scripts/touch.lua");
+pub(super) const RATELIMIT: &str = include_str!("scripts/ratelimit.lua");
 
 /// One of the store's Lua scripts. Scripts run only through
 /// [`super::RedisStore::eval`], which is where the rule for a node that does not
