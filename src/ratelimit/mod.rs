@@ -376,6 +376,13 @@ impl RateLimiter {
         }
     }
 
+    /// Benchmarks: start new windows in local mode (as after a failed round),
+    /// so the hot path runs without a store.
+    #[doc(hidden)]
+    pub fn assume_store_down(&self) {
+        self.store_ok.store(false, Ordering::Relaxed);
+    }
+
     /// Limited keys currently tracked (tests, metrics).
     pub fn tracked_keys(&self) -> usize {
         self.keys.len()
@@ -385,6 +392,27 @@ impl RateLimiter {
     pub fn store_ok(&self) -> bool {
         self.store_ok.load(Ordering::Relaxed)
     }
+}
+
+/// A proof for benchmarks: key `id` with `limit`.
+#[doc(hidden)]
+pub fn bench_principal(id: &str, limit: Option<RateLimit>) -> Principal {
+    let record = crate::auth::store::KeyRecord {
+        id: id.into(),
+        prefix: "bench".into(),
+        name: None,
+        created_by: String::new(),
+        created_at: chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+        expires_at: None,
+        last_used_at: None,
+        revoked_at: None,
+        role: crate::auth::scope::Role::Admin,
+        workspaces: Vec::new(),
+        rate_limit: limit,
+    };
+    let mut h = [7u8; 32];
+    h[..id.len().min(32)].copy_from_slice(&id.as_bytes()[..id.len().min(32)]);
+    Principal::of(KeyHash(h), &record)
 }
 
 struct Undo<'a>(&'a AtomicU64);
