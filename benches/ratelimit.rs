@@ -32,7 +32,10 @@ fn main() {
         }),
     );
     assert!(limiter.try_admit_at(&unset, now_ms()).is_none());
-    assert!(matches!(limiter.try_admit_at(&limited, now_ms()), Some(Ok(_))));
+    assert!(matches!(
+        limiter.try_admit_at(&limited, now_ms()),
+        Some(Ok(_))
+    ));
     let mut g = c.benchmark_group("ratelimit");
     g.bench_function("unset", |b| {
         b.iter(|| black_box(limiter.try_admit_at(black_box(&unset), 0)))

@@ -34,7 +34,10 @@ async fn align(unit_ms: u64, late: u64, need: u64) -> u64 {
         if into <= late && unit_ms - into >= need {
             return now - into;
         }
-        assert!(tokio::time::Instant::now() < deadline, "clock did not align");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "clock did not align"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -52,7 +55,11 @@ async fn limited_key(kg: &RunHandle, limit: &str) -> Key {
 }
 
 /// `POST /org/tokens` with `admin`; the key object and its token.
-async fn api_mint(addr: std::net::SocketAddr, admin: &str, body: &str) -> (serde_json::Value, String) {
+async fn api_mint(
+    addr: std::net::SocketAddr,
+    admin: &str,
+    body: &str,
+) -> (serde_json::Value, String) {
     let r = mint(addr, admin, body).await;
     assert_eq!(r.status, 200, "{r:?}");
     let v = r.json();
@@ -68,7 +75,10 @@ fn counter(redis: &RedisServer, id: &str, window_start_s: u64) -> String {
 /// Milliseconds the window counter has left to live.
 fn counter_ttl(redis: &RedisServer, id: &str, window_start_s: u64) -> i64 {
     let key = format!("keygate:{{acme}}:rl:{id}:{window_start_s}");
-    redis_cli(redis.port(), &["PTTL", &key]).trim().parse().unwrap()
+    redis_cli(redis.port(), &["PTTL", &key])
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,13 +122,20 @@ async fn five_per_second_then_429_with_headers_then_the_next_window() {
         assert_eq!(r.header("ratelimit-limit").as_deref(), Some("5"), "{r:?}");
         assert_eq!(r.header("ratelimit-reset").as_deref(), Some("1"), "{r:?}");
         let rem: u64 = r.header("ratelimit-remaining").unwrap().parse().unwrap();
-        assert!(rem <= 4 - i.min(4) as u64, "remaining {rem} after {} requests", i + 1);
+        assert!(
+            rem <= 4 - i.min(4) as u64,
+            "remaining {rem} after {} requests",
+            i + 1
+        );
         assert!(r.header("retry-after").is_none());
     }
     assert!(!refused.is_empty(), "no 429 in the window");
     for r in &refused {
         assert_eq!(r.error(), "rate limit exceeded");
-        assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("application/json")
+        );
         assert_eq!(r.header("retry-after").as_deref(), Some("1"), "{r:?}");
         assert_eq!(r.header("ratelimit-limit").as_deref(), Some("5"));
         assert_eq!(r.header("ratelimit-remaining").as_deref(), Some("0"));
@@ -209,7 +226,10 @@ async fn two_keygates_sharing_redis_hold_40_per_minute_together() {
     // It expires shortly after the window's end.
     let ttl = counter_ttl(&redis, &key.id, start / 1000);
     let to_end = (start + 60_000).saturating_sub(now_ms()) as i64;
-    assert!(ttl > to_end && ttl <= to_end + 11_000, "ttl {ttl} ms, window ends in {to_end} ms");
+    assert!(
+        ttl > to_end && ttl <= to_end + 11_000,
+        "ttl {ttl} ms, window ends in {to_end} ms"
+    );
     a.stop().await;
     b.stop().await;
 }

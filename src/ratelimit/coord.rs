@@ -207,7 +207,9 @@ fn evict(l: &RateLimiter, now: u64) {
         let w = window_of(now, k.unit_ms);
         let recent = k.slots.iter().any(|s| {
             let id = s.id.load(Ordering::Acquire);
-            id != super::ROLLING - 1 && id.saturating_add(1) >= w && s.used.load(Ordering::Relaxed) > 0
+            id != super::ROLLING - 1
+                && id.saturating_add(1) >= w
+                && s.used.load(Ordering::Relaxed) > 0
         });
         recent || k.demand.load(Ordering::Acquire) > 0 || Arc::strong_count(k) > 1
     });

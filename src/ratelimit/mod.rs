@@ -88,7 +88,10 @@ impl RateHeaders {
     /// Set (never append) the headers on a response.
     pub fn apply(&self, h: &mut HeaderMap) {
         h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
-        h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(self.remaining));
+        h.insert(
+            RATELIMIT_REMAINING.clone(),
+            HeaderValue::from(self.remaining),
+        );
         h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(self.reset));
         if self.refused {
             h.insert(RETRY_AFTER, HeaderValue::from(self.reset));
@@ -302,7 +305,11 @@ impl RateLimiter {
     /// when the request would have to wait for a reservation (benchmarks,
     /// unit tests).
     #[doc(hidden)]
-    pub fn try_admit_at(&self, p: &Principal, now: u64) -> Option<Result<RateHeaders, RateHeaders>> {
+    pub fn try_admit_at(
+        &self,
+        p: &Principal,
+        now: u64,
+    ) -> Option<Result<RateHeaders, RateHeaders>> {
         let limit = p.rate_limit()?;
         let key = self.key(p, limit);
         let w = window_of(now, key.unit_ms);
@@ -342,7 +349,12 @@ impl RateLimiter {
     }
 
     #[cold]
-    async fn wait(&self, key: &KeyLimiter, slot: &Window, w: u64) -> Result<RateHeaders, RateHeaders> {
+    async fn wait(
+        &self,
+        key: &KeyLimiter,
+        slot: &Window,
+        w: u64,
+    ) -> Result<RateHeaders, RateHeaders> {
         let deadline = tokio::time::Instant::now() + self.max_wait;
         key.demand.fetch_add(1, Ordering::AcqRel);
         let _undo = Undo(&key.demand);

@@ -59,7 +59,11 @@ fn seconds_to_end_round_up_and_are_at_least_one() {
     ];
     for &(into, unit, want) in cases {
         let w = 12345;
-        assert_eq!(seconds_to_end(w * unit + into, w, unit), want, "{into} into {unit}");
+        assert_eq!(
+            seconds_to_end(w * unit + into, w, unit),
+            want,
+            "{into} into {unit}"
+        );
     }
 }
 
@@ -103,7 +107,11 @@ fn slices() {
         ((1, 0, 0, 0), 1),
     ];
     for &((left, unused, rate, demand), want) in cases {
-        assert_eq!(slice(left, unused, rate, demand), want, "{left} {unused} {rate} {demand}");
+        assert_eq!(
+            slice(left, unused, rate, demand),
+            want,
+            "{left} {unused} {rate} {demand}"
+        );
     }
 }
 
@@ -123,15 +131,23 @@ async fn one_instance_lets_n_through_per_window() {
     let l = RateLimiter::new(Duration::from_millis(250));
     let p = principal("k1", Some((5, RateUnit::Minute)));
     let t0 = 1_796_389_200_000u64 + 1_000; // 1 s into a minute
-    // Nothing reserved yet: the request would wait.
+                                           // Nothing reserved yet: the request would wait.
     assert_eq!(l.try_admit_at(&p, t0), None);
     let mut through = Vec::new();
     let mut now = t0;
     for _ in 0..50 {
         // Demand as a waiting request would register it.
-        l.keys.get(p.hash()).unwrap().demand.store(1, Ordering::Relaxed);
+        l.keys
+            .get(p.hash())
+            .unwrap()
+            .demand
+            .store(1, Ordering::Relaxed);
         round(&l, &store, &metrics, now).await;
-        l.keys.get(p.hash()).unwrap().demand.store(0, Ordering::Relaxed);
+        l.keys
+            .get(p.hash())
+            .unwrap()
+            .demand
+            .store(0, Ordering::Relaxed);
         while let Some(Ok(h)) = l.try_admit_at(&p, now) {
             through.push(h);
         }
@@ -144,10 +160,17 @@ async fn one_instance_lets_n_through_per_window() {
     let refused = l.try_admit_at(&p, now).unwrap().unwrap_err();
     assert!(refused.refused);
     assert_eq!(refused.remaining, 0);
-    assert_eq!(refused.reset, seconds_to_end(now, window_of(now, 60_000), 60_000));
+    assert_eq!(
+        refused.reset,
+        seconds_to_end(now, window_of(now, 60_000), 60_000)
+    );
     // Next minute: a fresh budget.
     let next = 1_796_389_260_000u64 + 10;
-    l.keys.get(p.hash()).unwrap().demand.store(1, Ordering::Relaxed);
+    l.keys
+        .get(p.hash())
+        .unwrap()
+        .demand
+        .store(1, Ordering::Relaxed);
     round(&l, &store, &metrics, next).await;
     assert!(matches!(l.try_admit_at(&p, next), Some(Ok(_))));
 }
@@ -165,7 +188,11 @@ async fn two_instances_share_one_budget() {
     for _ in 0..100 {
         for l in [&a, &b] {
             let _ = l.try_admit_at(&p, now);
-            l.keys.get(p.hash()).unwrap().demand.store(3, Ordering::Relaxed);
+            l.keys
+                .get(p.hash())
+                .unwrap()
+                .demand
+                .store(3, Ordering::Relaxed);
             round(l, &store, &metrics, now).await;
             while let Some(Ok(_)) = l.try_admit_at(&p, now) {
                 through += 1;
@@ -192,7 +219,11 @@ async fn store_down_enforces_n_locally() {
     let p = principal("k3", Some((3, RateUnit::Minute)));
     let now = 1_796_389_200_000u64 + 500;
     let _ = l.try_admit_at(&p, now);
-    l.keys.get(p.hash()).unwrap().demand.store(1, Ordering::Relaxed);
+    l.keys
+        .get(p.hash())
+        .unwrap()
+        .demand
+        .store(1, Ordering::Relaxed);
     round(&l, &store, &metrics, now).await;
     assert!(!l.store_ok());
     assert_eq!(metrics.ratelimit_store_errors.get(), 1);
