@@ -202,6 +202,8 @@ struct Decided {
     tunnel: Option<Tunnel>,
 }
 
+// `rate`: the §11 headers, applied by `handle` to whatever answer results.
+#[allow(clippy::too_many_arguments)]
 async fn decide(
     app: &App,
     conn: &ConnInfo,

@@ -97,7 +97,8 @@ fn headers_are_set_never_appended() {
 #[test]
 fn slices() {
     // (left, unused, rate, demand) -> ask
-    let cases: &[((u64, u64, u64, u64), u64)] = &[
+    type Case = ((u64, u64, u64, u64), u64);
+    let cases: &[Case] = &[
         ((5, 0, 0, 1), 2),
         ((40, 0, 0, 1), 10),
         ((40, 10, 0, 1), 0),
