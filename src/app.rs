@@ -33,6 +33,8 @@ pub struct App {
     pub access_log: Option<Arc<crate::logging::AccessLog>>,
     /// `Bearer realm="<slug>", error="invalid_token"` for 401 answers.
     pub www_authenticate: HeaderValue,
+    /// §11 per-key rate limits (coordinated through the store).
+    pub ratelimit: Arc<crate::ratelimit::RateLimiter>,
 }
 
 impl App {
@@ -53,6 +55,8 @@ impl App {
         ))
         .map_err(|_| StartError::Upstream("tenant.slug: not usable in a header".into()))?;
         let metrics = Arc::new(Metrics::new());
+        let ratelimit = Arc::new(crate::ratelimit::RateLimiter::new(config.store.timeout));
+        crate::ratelimit::coord::spawn(&ratelimit, store.clone(), metrics.clone());
         let auth = Authenticator::start(&config, store, metrics.clone());
         Ok(Arc::new(App {
             gate: Gate::new(&config),
@@ -65,6 +69,7 @@ impl App {
             tls,
             tunnels: Tracker::default(),
             www_authenticate,
+            ratelimit,
         }))
     }
 }

@@ -89,6 +89,9 @@ pub enum Rejection {
     UpstreamUnreachable,
     /// The app did not send its response head within `upstream.timeout`.
     UpstreamTimeout,
+    /// §11: the key's rate limit is used up for this window (the
+    /// `RateLimit-*` headers and `Retry-After` are added by `proxy::handle`).
+    RateLimited,
 }
 
 /// The `outcome` label of `keygate_requests_total`.
@@ -103,10 +106,11 @@ pub enum Outcome {
     StoreUnavailable,
     UpstreamError,
     OutOfScope,
+    RateLimited,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Forwarded,
         Outcome::Answered,
         Outcome::Unauthorized,
@@ -116,6 +120,7 @@ impl Outcome {
         Outcome::StoreUnavailable,
         Outcome::UpstreamError,
         Outcome::OutOfScope,
+        Outcome::RateLimited,
     ];
 
     pub fn label(self) -> &'static str {
@@ -129,6 +134,7 @@ impl Outcome {
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::UpstreamError => "upstream_error",
             Outcome::OutOfScope => "out_of_scope",
+            Outcome::RateLimited => "rate_limited",
         }
     }
 
@@ -164,7 +170,7 @@ impl Rejection {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Rejection::TokenNotFound | Rejection::NotFound => StatusCode::NOT_FOUND,
-            Rejection::MintCeiling => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::MintCeiling | Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Rejection::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -203,6 +209,7 @@ impl Rejection {
             Rejection::PayloadTooLarge => "request body too large",
             Rejection::UpstreamUnreachable => "bad gateway: upstream unreachable",
             Rejection::UpstreamTimeout => "gateway timeout: upstream did not answer in time",
+            Rejection::RateLimited => "rate limit exceeded",
         }
     }
 
@@ -233,6 +240,7 @@ impl Rejection {
             | Rejection::KeysMethodNotAllowed
             | Rejection::MintCeiling => Outcome::Answered,
             Rejection::UpstreamUnreachable | Rejection::UpstreamTimeout => Outcome::UpstreamError,
+            Rejection::RateLimited => Outcome::RateLimited,
         }
     }
 

@@ -12,10 +12,9 @@ use crate::auth::Principal;
 use crate::error::Outcome;
 
 /// Refusals that count as `refused` (§10): out of scope (§8) and rate
-/// limited (§11); matched by label so the outcomes those sections add are
-/// picked up as they land.
+/// limited (§11).
 pub fn refused(outcome: Outcome) -> bool {
-    matches!(outcome.label(), "out_of_scope" | "rate_limited")
+    matches!(outcome, Outcome::OutOfScope | Outcome::RateLimited)
 }
 
 /// Called once per answered request, with the key that authenticated it.

@@ -30,6 +30,7 @@ pub mod keys_api;
 pub mod keys_rotate;
 pub mod listener;
 pub mod proxy;
+pub mod ratelimit;
 pub mod request;
 pub mod session;
 pub mod time;

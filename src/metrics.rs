@@ -23,6 +23,9 @@ pub struct Metrics {
     pub store_duration: HistogramVec,
     pub store_errors: IntCounterVec,
     pub accept_errors: IntCounter,
+    /// §11 coordination rounds (one store call each) and their failures.
+    pub ratelimit_syncs: IntCounter,
+    pub ratelimit_store_errors: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -111,8 +114,20 @@ impl Metrics {
             "Errors accepting client connections (e.g. out of file descriptors).",
         )
         .expect("valid metric");
+        let ratelimit_syncs = IntCounter::new(
+            "keygate_rate_limit_syncs_total",
+            "Rate-limit coordination rounds (one store call for every active limited key).",
+        )
+        .expect("valid metric");
+        let ratelimit_store_errors = IntCounter::new(
+            "keygate_rate_limit_store_errors_total",
+            "Rate-limit coordination rounds that failed (limits then enforced per instance).",
+        )
+        .expect("valid metric");
         for m in [
             Box::new(request_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ratelimit_syncs.clone()),
+            Box::new(ratelimit_store_errors.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(cache_hits.clone()),
             Box::new(cache_misses.clone()),
@@ -140,6 +155,8 @@ impl Metrics {
             store_duration,
             store_errors,
             accept_errors,
+            ratelimit_syncs,
+            ratelimit_store_errors,
         }
     }
 

@@ -103,6 +103,7 @@ pub async fn handle(
         };
     // The key that authenticated the request, once it did (usage, expiry notice).
     let mut key = None;
+    let mut rate = None;
     let decided = decide(
         &app,
         &conn,
@@ -112,6 +113,7 @@ pub async fn handle(
         record.as_deref_mut(),
         judged,
         &mut key,
+        &mut rate,
     )
     .await;
     let (outcome, mut response, tunnel) = match decided {
@@ -123,6 +125,10 @@ pub async fn handle(
         ),
     };
     crate::key_notice::finish(&app, key.as_ref(), outcome, response.headers_mut());
+    // §11: every response to a rate-limited key, let through or not.
+    if let Some(rate) = rate {
+        rate.apply(response.headers_mut());
+    }
     app.metrics.record_outcome(outcome);
     app.metrics
         .request_duration
@@ -201,6 +207,8 @@ struct Decided {
     tunnel: Option<Tunnel>,
 }
 
+// `key` and `rate`: what `handle` needs after the answer (usage and the
+// expiry notice, the §11 headers), whatever the answer is.
 #[allow(clippy::too_many_arguments)]
 async fn decide(
     app: &App,
@@ -211,6 +219,7 @@ async fn decide(
     mut record: Option<&mut AccessRecord>,
     judged: Judged,
     key: &mut Option<crate::auth::Principal>,
+    rate: &mut Option<crate::ratelimit::RateHeaders>,
 ) -> Result<Decided, Rejection> {
     let (parts, body) = req.into_parts();
 
@@ -274,6 +283,19 @@ async fn decide(
             &parts.method,
             parts.uri.path(),
         )?;
+    }
+
+    // Step 4¾ (§11): the key's rate limit, after the scope check; requests
+    // refused before this point never consume budget. A 429 counts as
+    // `refused` in usage (`key_notice::finish`, by its outcome).
+    if let Identity::OrgKey(principal) = &identity {
+        match app.ratelimit.admit(principal).await {
+            Ok(headers) => *rate = headers,
+            Err(headers) => {
+                *rate = Some(headers);
+                return Err(Rejection::RateLimited);
+            }
+        }
     }
 
     // Step 5: key management is answered here, never forwarded.

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{
-    AuditEntry, FeedEvent, KeyRecord, KeyState, MintOutcome, RotateOp, StoreError, UsageDelta,
-    UsageHour,
+    AuditEntry, FeedEvent, KeyRecord, KeyState, MintOutcome, RateGrant, RateSync, RotateOp,
+    StoreError, UsageDelta, UsageHour,
 };
 use crate::auth::token::KeyHash;
 
@@ -39,6 +39,8 @@ struct Inner {
     usage: HashMap<(String, i64), (u64, u64)>,
     /// Usage batches already added (retries are not added twice).
     usage_markers: std::collections::HashSet<String>,
+    /// §11 window counters: (key id, window start s) -> (reserved, expires at ms).
+    rate: HashMap<(String, u64), (u64, u64)>,
 }
 
 impl MemoryStore {
@@ -60,6 +62,34 @@ impl MemoryStore {
         // A panic while holding the lock cannot leave the maps half-updated in
         // a way that matters more than losing the store: keep serving.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Same semantics as the Redis script (`scripts/ratelimit.lua`).
+    pub fn rate_sync(&self, items: &[RateSync]) -> Vec<RateGrant> {
+        let now = Utc::now().timestamp_millis().max(0) as u64;
+        let mut inner = self.inner();
+        inner.rate.retain(|_, (_, exp)| *exp > now);
+        items
+            .iter()
+            .map(|it| {
+                let slot = inner
+                    .rate
+                    .entry((it.key_id.clone(), it.window_start_s))
+                    .or_insert((0, 0));
+                let granted = it
+                    .limit
+                    .saturating_sub(slot.0.saturating_add(it.add))
+                    .min(it.ask);
+                if it.add + granted > 0 {
+                    slot.0 += it.add + granted;
+                    slot.1 = now + it.ttl_ms;
+                }
+                RateGrant {
+                    granted,
+                    total: slot.0,
+                }
+            })
+            .collect()
     }
 
     pub fn lookup(&self, hash: &KeyHash) -> Option<KeyRecord> {

@@ -91,6 +91,32 @@ pub enum FeedEvent {
     Lost,
 }
 
+/// One key's window in a rate-limit coordination call (contract §11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateSync {
+    pub key_id: String,
+    /// The window's start, unix seconds (part of the counter's name).
+    pub window_start_s: u64,
+    pub limit: u64,
+    /// Let through by this instance without a reservation (store was
+    /// unreachable): added whatever the total.
+    pub add: u64,
+    /// Further requests this instance wants to reserve; granted only up to
+    /// what is left of `limit`.
+    pub ask: u64,
+    /// Counter lifetime from now (the window's end plus a margin).
+    pub ttl_ms: u64,
+}
+
+/// The store's answer for one [`RateSync`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateGrant {
+    /// Reserved for this instance by this call (≤ `ask`).
+    pub granted: u64,
+    /// Reserved by every instance in the window, after this call.
+    pub total: u64,
+}
+
 /// The configured store (enum dispatch: no boxing on the hot path).
 #[derive(Clone)]
 pub enum Store {
@@ -202,6 +228,16 @@ impl Store {
         match self {
             Store::Memory(m) => Ok(m.audit(since)),
             Store::Redis(r) => r.audit(since).await,
+        }
+    }
+
+    /// Rate-limit coordination (§11): for each item, add `add`, reserve up
+    /// to `ask` of what is left of `limit`, and read the window's total;
+    /// one round trip (per 512 keys) on Redis.
+    pub async fn rate_sync(&self, items: &[RateSync]) -> Result<Vec<RateGrant>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.rate_sync(items)),
+            Store::Redis(r) => r.rate_sync(items).await,
         }
     }
 

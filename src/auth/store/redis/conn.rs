@@ -206,6 +206,7 @@ impl RedisStore {
             touch: Lua::new(lua::TOUCH),
             rotate: Lua::new(lua::ROTATE),
             usage_add: Lua::new(lua::USAGE_ADD),
+            ratelimit: Lua::new(lua::RATELIMIT),
         })
     }
 

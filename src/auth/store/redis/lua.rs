@@ -12,6 +12,7 @@ pub(super) const REVOKE: &str = include_str!("scripts/revoke.lua");
 pub(super) const TOUCH: &str = include_str!("scripts/touch.lua");
 pub(super) const ROTATE: &str = include_str!("scripts/rotate.lua");
 pub(super) const USAGE_ADD: &str = include_str!("scripts/usage_add.lua");
+pub(super) const RATELIMIT: &str = include_str!("scripts/ratelimit.lua");
 
 /// One of the store's Lua scripts. Scripts run only through
 /// [`super::RedisStore::eval`], which is where the rule for a node that does not

@@ -14,6 +14,7 @@
 //! | `keygate:{acme}:live` | ZSET | ids of live keys, scored by `created_at` (ms); newest first for listing, `ZCARD` for the mint ceiling |
 //! | `keygate:{acme}:expiry` | ZSET | ids of live keys that have an `expires_at`, scored by it (ms); the mint script prunes expired ids from both sets before counting |
 //! | `keygate:{acme}:audit` | STREAM | one entry per mint/revoke (`XADD MAXLEN ~ 100000`), fields `time`, `actor`, `action`, `key_id`, `prefix`, `name`, `client`, `user_agent`, and on mint/rotate entries `role`, `workspaces` (and `new_key_id` on a rotation) |
+//! | `keygate:{acme}:rl:<id>:<window start s>` | STRING | §11: requests of key `<id>` reserved by every instance in that window (`INCRBY` from a script, `PEXPIRE` to the window's end + 10 s) |
 //! | `keygate:{acme}:revoked` | pub/sub channel | message = SHA-256 hex of each revoked key (`PUBLISH`; `SPUBLISH` on a cluster) |
 //!
 //! Only SHA-256 hashes of tokens reach Redis, never a plaintext token.
@@ -90,6 +91,7 @@ mod conn;
 mod feed;
 mod lifecycle;
 mod lua;
+mod ratelimit;
 mod records;
 
 use std::collections::HashMap;
@@ -126,6 +128,7 @@ pub struct RedisStore {
     touch: Lua,
     rotate: Lua,
     usage_add: Lua,
+    ratelimit: Lua,
 }
 
 impl std::fmt::Debug for RedisStore {

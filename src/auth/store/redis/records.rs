@@ -42,6 +42,10 @@ impl Keys {
     pub(super) fn audit(&self) -> String {
         format!("{}audit", self.base)
     }
+    /// §11: the reservations of key `id` in the window starting at `start_s`.
+    pub(super) fn rate(&self, id: &str, start_s: u64) -> String {
+        format!("{}rl:{id}:{start_s}", self.base)
+    }
     pub(super) fn channel(&self) -> String {
         format!("{}revoked", self.base)
     }
