@@ -41,6 +41,7 @@ pub mod cache;
 pub mod credential;
 mod keys;
 pub mod principal;
+pub mod refusal;
 pub mod scope;
 pub mod store;
 pub mod token;
@@ -56,6 +57,7 @@ use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use cache::{Cache, Flights, Probe};
 pub use keys::{Actor, KeyService, MintError, MintRequest, Minted, OpContext};
 pub use principal::Principal;
+pub use refusal::{Refusal, Refused};
 use store::{FeedEvent, Store, StoreError};
 use token::KeyHash;
 
@@ -72,10 +74,11 @@ pub const TOUCH_FLUSH_EVERY: Duration = Duration::from_secs(5);
 const MAX_PENDING_TOUCHES: usize = 100_000;
 
 /// Why a well-formed org key was not accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthError {
-    /// Unknown, revoked, expired, or another tenant's: the client gets the same 401.
-    Invalid,
+    /// Unknown, revoked, expired, or another tenant's: the client gets the
+    /// same 401; the reason and key id are for the access log and metrics.
+    Invalid(Refused),
     /// The store could not answer in time and the cache may not be used.
     StoreUnavailable,
 }
@@ -94,7 +97,7 @@ pub struct Authenticator {
 #[derive(Clone)]
 enum Fetched {
     Live(Principal),
-    Invalid,
+    Invalid(Refused),
     Unavailable,
 }
 
@@ -227,7 +230,7 @@ impl Authenticator {
                         }
                     };
                     // A store outage is not the key's end: only a clear "invalid".
-                    if recheck && matches!(inner.authenticate(hash).await, Err(AuthError::Invalid))
+                    if recheck && matches!(inner.authenticate(hash).await, Err(AuthError::Invalid(_)))
                     {
                         return;
                     }
@@ -298,14 +301,17 @@ impl Inner {
                 }
                 Ok(Ok(principal))
             }
-            Probe::Expired => {
+            Probe::Expired { key_id } => {
                 self.metrics.cache_hits.inc();
                 self.update_size();
-                Ok(Err(AuthError::Invalid))
+                Ok(Err(AuthError::Invalid(Refused {
+                    reason: Refusal::Expired,
+                    key_id: Some(key_id),
+                })))
             }
-            Probe::Negative => {
+            Probe::Negative(refused) => {
                 self.metrics.cache_hits.inc();
-                Ok(Err(AuthError::Invalid))
+                Ok(Err(AuthError::Invalid(refused)))
             }
             Probe::Miss { known } => Err(known),
         }
@@ -320,7 +326,7 @@ impl Inner {
             .await;
         match fetched {
             Fetched::Live(principal) => Ok(principal),
-            Fetched::Invalid => Err(AuthError::Invalid),
+            Fetched::Invalid(refused) => Err(AuthError::Invalid(refused)),
             Fetched::Unavailable => match self.outage {
                 OutagePolicy::Reject => Err(AuthError::StoreUnavailable),
                 OutagePolicy::ServeCached => self
@@ -361,12 +367,13 @@ impl Inner {
         let now = Utc::now();
         let record = match record {
             Some(r) if r.is_live(now) => r,
-            _ => {
+            other => {
                 if self.cache.remove(&hash) {
                     self.update_size();
                 }
-                self.cache.insert_negative(hash, at.now_ms);
-                return Fetched::Invalid;
+                let refused = other.as_ref().map_or_else(Refused::unknown, Refused::of);
+                self.cache.insert_negative(hash, at.now_ms, refused.clone());
+                return Fetched::Invalid(refused);
             }
         };
         let principal = Principal::of(hash, &record);
@@ -483,6 +490,13 @@ mod tests {
         Config::new("acme", http::Uri::from_static("http://127.0.0.1:9"))
     }
 
+    fn refused(reason: Refusal, key_id: &str) -> AuthError {
+        AuthError::Invalid(Refused {
+            reason,
+            key_id: Some(Arc::from(key_id)),
+        })
+    }
+
     fn ctx() -> OpContext {
         OpContext {
             actor: Actor("cli:test".into()),
@@ -576,13 +590,13 @@ mod tests {
         let unknown = token::mint("mok_");
         for _ in 0..5 {
             let r = auth.authenticate(unknown.expose()).await;
-            assert_eq!(r.unwrap_err(), AuthError::Invalid);
+            assert_eq!(r.unwrap_err(), AuthError::Invalid(Refused::unknown()));
         }
         assert_eq!(lookups(&m), 1);
         inner(&auth).cache.advance(config.auth.negative_ttl);
         assert_eq!(
             auth.authenticate(unknown.expose()).await.unwrap_err(),
-            AuthError::Invalid
+            AuthError::Invalid(Refused::unknown())
         );
         assert_eq!(lookups(&m), 2);
     }
@@ -617,7 +631,7 @@ mod tests {
         assert!(auth.keys().revoke(&k.record.id, &ctx()).await.unwrap());
         assert_eq!(
             auth.authenticate(k.token.expose()).await.unwrap_err(),
-            AuthError::Invalid
+            refused(Refusal::Revoked, &k.record.id)
         );
         assert!(auth.authenticate(other.token.expose()).await.is_ok());
         assert!(!auth.keys().revoke(&k.record.id, &ctx()).await.unwrap());
@@ -661,7 +675,7 @@ mod tests {
         .await;
         assert_eq!(
             b.authenticate(k.token.expose()).await.unwrap_err(),
-            AuthError::Invalid
+            refused(Refusal::Revoked, &k.record.id)
         );
     }
 
@@ -723,13 +737,13 @@ mod tests {
         inner(&auth).cache.advance(Duration::from_secs(2));
         assert_eq!(
             auth.authenticate(k.token.expose()).await.unwrap_err(),
-            AuthError::Invalid
+            refused(Refusal::Expired, &k.record.id)
         );
         assert_eq!(m.cache_size.get(), 0);
         let old = mint(&auth, Some(Utc::now() - TimeDelta::seconds(1))).await;
         assert_eq!(
             auth.authenticate(old.token.expose()).await.unwrap_err(),
-            AuthError::Invalid
+            refused(Refusal::Expired, &old.record.id)
         );
     }
 
