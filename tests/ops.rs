@@ -646,3 +646,127 @@ fn check_refuses_an_unreadable_tls_certificate() {
         "{stderr}"
     );
 }
+
+// ---- refused keys in the log (issue 17) ---------------------------------------------
+
+/// The JSON access line with `request_id`, from a finished process's output.
+fn access_line(log: &str, request_id: &str) -> serde_json::Value {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "keygate::access" && v["request_id"] == request_id)
+        .unwrap_or_else(|| panic!("no access line for {request_id}:\n{log}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_keys_are_logged_with_reason_prefix_and_key_id() {
+    let redis = common::redis::RedisServer::start();
+    let up = Upstream::start().await;
+    let mut kg = Serve::at(up.addr)
+        .store(&format!("url = \"{}\"", redis.url()))
+        .rest("\n[log]\nformat = \"json\"\n")
+        .start()
+        .await;
+    let cfg = kg.config.display().to_string();
+    let mint = |extra: &'static [&'static str]| {
+        let cfg = cfg.clone();
+        async move {
+            let mut args = vec!["keys", "mint", "--config", cfg.as_str(), "--json"];
+            args.extend_from_slice(extra);
+            let o = common::bin::run(&args, &[]).await;
+            assert!(o.status.success(), "{o:?}");
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            (
+                v["auth_token"].as_str().unwrap().to_string(),
+                v["id"].as_str().unwrap().to_string(),
+            )
+        }
+    };
+    let (revoked, revoked_id) = mint(&[]).await;
+    let (expiring, expiring_id) = mint(&["--expires-in", "1s"]).await;
+    let o = common::bin::run(&["keys", "revoke", "--config", &cfg, &revoked_id], &[]).await;
+    assert!(o.status.success(), "{o:?}");
+
+    let unknown = keygate::auth::token::mint("mok_").expose().to_string();
+    let mut typo = unknown.clone().into_bytes();
+    typo[20] = if typo[20] == b'a' { b'b' } else { b'a' };
+    let typo = String::from_utf8(typo).unwrap();
+    let cases: [(&str, String, &str, Option<&str>); 5] = [
+        ("malformed", "Bearer mok_short".into(), "mok_short", None),
+        ("bad_checksum", format!("Bearer {typo}"), &typo[..12], None),
+        ("unknown", format!("Bearer {unknown}"), &unknown[..12], None),
+        (
+            "revoked",
+            format!("Bearer {revoked}"),
+            &revoked[..12],
+            Some(&revoked_id),
+        ),
+        (
+            "malformed",
+            format!("Bearer  {unknown}"),
+            &unknown[..12],
+            None,
+        ),
+    ];
+    for (i, (_, auth, _, _)) in cases.iter().enumerate() {
+        let extra = format!("Authorization: {auth}\r\nX-Request-Id: refused-{i}\r\n");
+        let r = raw(kg.public, &get("/api", &extra)).await;
+        assert_eq!(r.status, 401, "case {i}: {r:?}");
+        assert_eq!(r.json()["error"], "invalid or revoked org API key");
+    }
+    // The expiring key: poll (bounded) until its expiry refuses it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    let expired_rid = loop {
+        n += 1;
+        let rid = format!("expiring-{n}");
+        let extra = format!("Authorization: Bearer {expiring}\r\nX-Request-Id: {rid}\r\n");
+        let r = raw(kg.public, &get("/api", &extra)).await;
+        if r.status == 401 {
+            break rid;
+        }
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(Instant::now() < deadline, "the 1s key still works after 10s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let metrics = raw(
+        kg.admin,
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .body;
+    for (reason, want) in [
+        ("malformed", 2.0),
+        ("bad_checksum", 1.0),
+        ("unknown", 1.0),
+        ("revoked", 1.0),
+        ("expired", 1.0),
+        ("other_tenant", 0.0),
+    ] {
+        let series = format!("keygate_key_refusals_total{{reason=\"{reason}\"}}");
+        assert_eq!(sample(&metrics, &series), want, "{series}\n{metrics}");
+    }
+
+    kg.signal_term();
+    kg.exit_within(Duration::from_secs(10)).await;
+    let log = kg.output();
+    for (i, (reason, _, prefix, key_id)) in cases.iter().enumerate() {
+        let line = access_line(&log, &format!("refused-{i}"));
+        assert_eq!(line["status"], 401, "{line}");
+        assert_eq!(line["outcome"], "unauthorized", "{line}");
+        assert_eq!(line["refusal"], *reason, "case {i}: {line}");
+        assert_eq!(line["prefix"], *prefix, "case {i}: {line}");
+        match key_id {
+            Some(id) => assert_eq!(line["key_id"], *id, "case {i}: {line}"),
+            None => assert!(line["key_id"].is_null(), "case {i}: {line}"),
+        }
+    }
+    let line = access_line(&log, &expired_rid);
+    assert_eq!(line["refusal"], "expired", "{line}");
+    assert_eq!(line["prefix"], &expiring[..12], "{line}");
+    assert_eq!(line["key_id"], expiring_id.as_str(), "{line}");
+    // Never more of a token than its prefix.
+    for t in [&unknown, &typo, &revoked, &expiring] {
+        assert!(!log.contains(&t[12..]), "a token's secret part is in the log");
+    }
+}
