@@ -443,6 +443,36 @@ async fn unreachable_redis_and_bad_config() {
     }
 }
 
+/// A refused password names Redis's own reply, not a redis-rs enum name;
+/// a missing one says that the URL has none. Never the password itself.
+#[tokio::test]
+async fn redis_password_errors_name_the_cause() {
+    let server = RedisServer::start();
+    let port = server.port();
+    common::redis::redis_cli(port, &["CONFIG", "SET", "requirepass", "hunter2"]);
+    let dir = tempfile::tempdir().unwrap();
+    for (url, want) in [
+        (
+            format!("redis://:wrong-pass@127.0.0.1:{port}/0"),
+            format!("error: redis at 127.0.0.1:{port}: refused the password (WRONGPASS invalid username-password pair or user is disabled.)"),
+        ),
+        (
+            format!("redis://someone:wrong-pass@127.0.0.1:{port}/0"),
+            format!("error: redis at 127.0.0.1:{port}: refused the password (WRONGPASS invalid username-password pair or user is disabled.)"),
+        ),
+        (
+            format!("redis://127.0.0.1:{port}/0"),
+            format!("error: redis at 127.0.0.1:{port}: wants a password, store.url has none (NOAUTH Authentication required.)"),
+        ),
+    ] {
+        let config = write_config(dir.path(), &url, "");
+        let o = keygate(&["keys", "list", "--config", config.to_str().unwrap()]).await;
+        assert_exit(&o, 1, &url);
+        assert_eq!(stderr(&o).trim_end(), want, "{url}");
+        assert!(!stderr(&o).contains("wrong-pass"));
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Audit trail
 // ---------------------------------------------------------------------------
