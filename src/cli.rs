@@ -81,10 +81,17 @@ pub fn serve(path: &Path) -> Result<(), Failure> {
             .map_err(|e| Failure::Operation(e.to_string()))?;
         let (trigger, signal) = crate::shutdown::channel();
         spawn_signal_handler(trigger);
+        let (scheme, protocols) = listener_protocols(&config);
         tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
             listen = %config.listen.addr,
+            scheme,
+            protocols,
             admin = %config.admin.addr,
+            upstream = %config.upstream.url,
+            store = %store_address(&config.store.backend),
             tenant = %config.tenant.slug,
+            hosts = %config.tenant.served_hosts().join(","),
             "keygate serving"
         );
         crate::run(config, store, listeners, signal)
@@ -93,6 +100,38 @@ pub fn serve(path: &Path) -> Result<(), Failure> {
         tracing::info!("keygate stopped");
         Ok(())
     })
+}
+
+/// The public listener's scheme and HTTP versions, for the start-up line.
+fn listener_protocols(config: &Config) -> (&'static str, &'static str) {
+    match config.listen.tls {
+        Some(_) => ("https", "h2 and http/1.1 (ALPN)"),
+        None => ("http", "http/1.1 and h2c (prior knowledge)"),
+    }
+}
+
+/// The store for the start-up line: its kind and where, never a password
+/// (the userinfo of every URL is left out).
+fn store_address(backend: &StoreBackend) -> String {
+    use crate::config::RedisTarget;
+    fn bare(url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        format!("{scheme}://{host}{path}")
+    }
+    match backend {
+        StoreBackend::Memory => "memory".into(),
+        StoreBackend::Redis(RedisTarget::Url(u)) => format!("redis {}", bare(u.expose())),
+        StoreBackend::Redis(RedisTarget::Cluster(nodes)) => {
+            let nodes: Vec<String> = nodes.iter().map(|n| bare(n.expose())).collect();
+            format!("redis cluster {}", nodes.join(","))
+        }
+        StoreBackend::Redis(RedisTarget::Sentinel { master, nodes }) => {
+            let nodes: Vec<String> = nodes.iter().map(|n| bare(n.expose())).collect();
+            format!("redis sentinel {master} via {}", nodes.join(","))
+        }
+    }
 }
 
 /// SIGTERM/SIGINT: graceful drain; a second one exits at once.

@@ -286,10 +286,11 @@ async fn decide(
     if let Some(route) = &admitted.keys_route {
         // Boxed: a rare path with a large future (the common request's
         // future should not reserve its space).
-        let resp = Box::pin(keys_api::handle(
-            app, conn, route, parts, body, identity, request_id,
-        ))
-        .await?;
+        let answer = keys_api::handle(app, conn, route, parts, body, identity, request_id);
+        let resp = match record {
+            Some(r) => Box::pin(keys_api::BYTES_IN.scope(r.bytes_in.clone(), answer)).await?,
+            None => Box::pin(answer).await?,
+        };
         return Ok(Decided {
             outcome: Outcome::Answered,
             response: resp,

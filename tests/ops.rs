@@ -770,3 +770,98 @@ async fn refused_keys_are_logged_with_reason_prefix_and_key_id() {
         assert!(!log.contains(&t[12..]), "a token's secret part is in the log");
     }
 }
+
+/// Poll `/readyz` on the admin listener until it answers `want` (bounded).
+async fn wait_readyz(admin: SocketAddr, want: u16) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = raw(
+            admin,
+            b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        if r.status == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/readyz not {want}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_line_feed_changes_once_and_key_api_bytes_in() {
+    let mut redis = common::redis::RedisServer::start();
+    let up = Upstream::start().await;
+    let mut kg = Serve::at(up.addr)
+        .store(&format!(
+            "url = \"redis://:{}@127.0.0.1:{}/0\"",
+            "", // no password: the URL form with userinfo is still redacted
+            redis.port()
+        ))
+        .rest("\n[log]\nformat = \"json\"\n")
+        .start()
+        .await;
+    let cfg = kg.config.display().to_string();
+    let o = common::bin::run(&["keys", "mint", "--config", &cfg], &[]).await;
+    assert!(o.status.success(), "{o:?}");
+    let token = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+
+    let body = r#"{"name":"counted-bytes"}"#;
+    let post = format!(
+        "POST /org/tokens HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: mint-post\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let r = raw(kg.public, post.as_bytes()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    wait_readyz(kg.admin, 200).await;
+    redis.kill();
+    wait_readyz(kg.admin, 503).await;
+    redis.restart();
+    wait_readyz(kg.admin, 200).await;
+
+    kg.signal_term();
+    kg.exit_within(Duration::from_secs(10)).await;
+    let log = kg.output();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let message = |m: &str| {
+        lines
+            .iter()
+            .filter(|v| v["message"].as_str().is_some_and(|s| s.starts_with(m)))
+            .count()
+    };
+    assert_eq!(message("revocation feed connected"), 2, "{log}");
+    assert_eq!(message("revocation feed lost"), 1, "{log}");
+
+    let start = lines
+        .iter()
+        .find(|v| v["message"] == "keygate serving")
+        .unwrap_or_else(|| panic!("no start-up line:\n{log}"));
+    assert_eq!(start["version"], env!("CARGO_PKG_VERSION"), "{start}");
+    assert_eq!(start["scheme"], "http", "{start}");
+    assert!(start["protocols"].as_str().unwrap().contains("h2c"), "{start}");
+    assert_eq!(start["upstream"], format!("http://{}/", up.addr), "{start}");
+    assert_eq!(
+        start["store"],
+        format!("redis redis://127.0.0.1:{}/0", redis.port()),
+        "{start}"
+    );
+    assert_eq!(start["tenant"], "acme", "{start}");
+    assert!(
+        start["hosts"].as_str().unwrap().contains("acme.moleculesai.app"),
+        "{start}"
+    );
+
+    let post_line = access_line(&log, "mint-post");
+    assert_eq!(post_line["status"], 200, "{post_line}");
+    assert_eq!(post_line["bytes_in"], body.len(), "{post_line}");
+}

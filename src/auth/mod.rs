@@ -410,15 +410,12 @@ impl Inner {
     fn on_feed(&self, event: FeedEvent) {
         match event {
             FeedEvent::Revoked(hash) => self.apply_revocation(&hash),
+            // The store logs the feed's changes (once, with its address).
             FeedEvent::Lost => {
-                if self.cache.feed_live() {
-                    tracing::warn!("revocation feed lost: cached keys are re-checked");
-                }
                 self.cache.feed_lost();
                 let _ = self.events.send(KeyEvent::Recheck);
             }
             FeedEvent::Connected => {
-                tracing::info!("revocation feed connected");
                 self.cache.feed_connected();
                 let _ = self.events.send(KeyEvent::Recheck);
             }
