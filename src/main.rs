@@ -41,8 +41,9 @@ enum Command {
     Audit {
         #[command(flatten)]
         config: ConfigArg,
-        /// Only entries at or after this RFC 3339 time.
-        #[arg(long, value_name = "RFC3339")]
+        /// Only entries from then on: RFC 3339 time, a date (2026-12-03 = midnight UTC)
+        /// or a duration back from now (24h, 7d).
+        #[arg(long, value_name = "WHEN")]
         since: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
@@ -65,7 +66,7 @@ enum KeysCommand {
         /// A name for the key.
         #[arg(long)]
         name: Option<String>,
-        /// Lifetime, e.g. 30d, 12h, 90m.
+        /// Lifetime in the config's duration syntax (ms s m h d w), e.g. 30d, 12h, 90m.
         #[arg(long, value_name = "DUR")]
         expires_in: Option<String>,
         /// admin (default), editor or reader.

@@ -657,6 +657,23 @@ async fn every_mint_and_revoke_is_audited_with_its_actor() {
     let o = keygate(&["audit", "--config", cfg, "--json", "--since", &future]).await;
     assert_exit(&o, 0, "audit --since (future)");
     assert!(stdout(&o).trim().is_empty(), "{}", stdout(&o));
+    // A date (midnight UTC) and a duration back from now: the same syntax
+    // as the config's durations.
+    let today = Utc::now().format("%Y-%m-%d").to_string();
+    let tomorrow = (Utc::now() + chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    for (since, entries) in [
+        ("1h", want.len()),
+        ("24h", want.len()),
+        ("7d", want.len()),
+        (today.as_str(), want.len()),
+        (tomorrow.as_str(), 0),
+    ] {
+        let o = keygate(&["audit", "--config", cfg, "--json", "--since", since]).await;
+        assert_exit(&o, 0, &format!("audit --since {since}"));
+        assert_eq!(stdout(&o).lines().count(), entries, "--since {since}");
+    }
 
     // Table: a header line, then one line per entry, oldest first.
     let o = keygate(&["audit", "--config", cfg]).await;
