@@ -565,7 +565,10 @@ mod tests {
         assert_eq!(d("2w"), Duration::from_secs(14 * 86_400));
         assert!(usage(parse_cli_duration("--expires-in", "0s")).contains("more than zero"));
         let m = usage(parse_cli_duration("--expires-in", "soon"));
-        assert!(m.starts_with("--expires-in: ") && m.contains("ms, s, m, h, d or w"), "{m}");
+        assert!(
+            m.starts_with("--expires-in: ") && m.contains("ms, s, m, h, d or w"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -589,11 +592,17 @@ mod tests {
             Secret::new("redis://:pw@a:1"),
             Secret::new("redis://b:2"),
         ]));
-        assert_eq!(store_address(&cluster), "redis cluster redis://a:1,redis://b:2");
+        assert_eq!(
+            store_address(&cluster),
+            "redis cluster redis://a:1,redis://b:2"
+        );
         let sentinel = StoreBackend::Redis(RedisTarget::Sentinel {
             master: "kg".into(),
             nodes: vec![Secret::new("redis://:pw@s:26379")],
         });
-        assert_eq!(store_address(&sentinel), "redis sentinel kg via redis://s:26379");
+        assert_eq!(
+            store_address(&sentinel),
+            "redis sentinel kg via redis://s:26379"
+        );
     }
 }

@@ -282,7 +282,8 @@ mod tests {
     /// compile until it is listed here.
     fn table() -> Vec<(Rejection, u16, &'static str)> {
         use Rejection::*;
-        let all = vec![
+        let all =
+            vec![
             (BadTarget, 400, "bad request: invalid request target"),
             (BadHost, 400, "bad request: missing or duplicated host"),
             (
@@ -336,12 +337,32 @@ mod tests {
         ];
         for (r, _, _) in &all {
             match r {
-                BadTarget | BadHost | AuthorityMismatch | BadFraming | DuplicateAuthorization
-                | AmbiguousPath | UriTooLong | HeadersTooLarge | MethodNotAllowed
-                | KeysMethodNotAllowed | Misdirected | Forbidden | CrossSiteOrigin
-                | FramingInConnection | Unjudged | BadBody | BodyTimeout | Unauthorized
-                | StoreUnavailable | SessionVerifierUnavailable | TokenNotFound | NotFound
-                | MintCeiling | PayloadTooLarge | UpstreamUnreachable | UpstreamTimeout => {}
+                BadTarget
+                | BadHost
+                | AuthorityMismatch
+                | BadFraming
+                | DuplicateAuthorization
+                | AmbiguousPath
+                | UriTooLong
+                | HeadersTooLarge
+                | MethodNotAllowed
+                | KeysMethodNotAllowed
+                | Misdirected
+                | Forbidden
+                | CrossSiteOrigin
+                | FramingInConnection
+                | Unjudged
+                | BadBody
+                | BodyTimeout
+                | Unauthorized
+                | StoreUnavailable
+                | SessionVerifierUnavailable
+                | TokenNotFound
+                | NotFound
+                | MintCeiling
+                | PayloadTooLarge
+                | UpstreamUnreachable
+                | UpstreamTimeout => {}
                 BadRequest(_) => unreachable!("listed from the sources below"),
             }
         }

@@ -125,9 +125,8 @@ async fn read_mint_request(body: Incoming) -> Result<MintRequest, Rejection> {
     let bytes = match Limited::new(body, MAX_BODY).collect().await {
         Ok(c) => {
             let bytes = c.to_bytes();
-            let _ = BYTES_IN.try_with(|n| {
-                n.store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed)
-            });
+            let _ = BYTES_IN
+                .try_with(|n| n.store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed));
             bytes
         }
         Err(err) => {

@@ -329,7 +329,10 @@ mod tests {
                     assert_eq!(v["key_id"], "k1");
                 }
                 LogFormat::Text => {
-                    assert!(text.ends_with(" refusal=revoked prefix=\"mok_abcdefgh\"\n"), "{text}");
+                    assert!(
+                        text.ends_with(" refusal=revoked prefix=\"mok_abcdefgh\"\n"),
+                        "{text}"
+                    );
                     assert!(text.contains(" key_id=k1 "), "{text}");
                 }
             }

@@ -247,7 +247,12 @@ async fn decide(
                     reason,
                     key_id: None,
                 };
-                return Err(refuse_key(app, record, Some(token::display_prefix(tok)), refused));
+                return Err(refuse_key(
+                    app,
+                    record,
+                    Some(token::display_prefix(tok)),
+                    refused,
+                ));
             }
             match app.auth.authenticate(tok).await {
                 Ok(principal) => {

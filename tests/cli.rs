@@ -703,3 +703,84 @@ async fn every_mint_and_revoke_is_audited_with_its_actor() {
     }
     kg.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Completions and the man page
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn completions_are_generated_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F _keygate"),
+        ("zsh", "#compdef keygate"),
+        ("fish", "complete -c keygate"),
+    ] {
+        let o = keygate(&["completions", shell]).await;
+        assert_exit(&o, 0, &format!("completions {shell}"));
+        let out = stdout(&o);
+        assert!(out.contains(marker), "{shell}: no {marker:?} in\n{out}");
+        // Every command and a nested one's flags are offered.
+        for word in [
+            "serve",
+            "check",
+            "keys",
+            "mint",
+            "revoke",
+            "audit",
+            "demo",
+            "expires-in",
+            "since",
+        ] {
+            assert!(out.contains(word), "{shell}: {word} missing");
+        }
+        assert!(stderr(&o).is_empty(), "{shell}: {}", stderr(&o));
+    }
+    let o = keygate(&["completions", "tcsh"]).await;
+    assert_exit(&o, 2, "completions tcsh");
+}
+
+#[tokio::test]
+async fn man_page_is_roff_with_every_command() {
+    let o = keygate(&["man"]).await;
+    assert_exit(&o, 0, "man");
+    let page = stdout(&o);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH keygate 1"),
+        "{page}"
+    );
+    for section in [
+        ".SH NAME",
+        ".SH SYNOPSIS",
+        ".SH \"KEYGATE SERVE\"",
+        ".SH \"KEYGATE KEYS MINT\"",
+        ".SH \"KEYGATE AUDIT\"",
+        ".SH \"EXIT STATUS\"",
+    ] {
+        assert!(page.contains(section), "{section} missing:\n{page}");
+    }
+    assert!(page.contains("\\-\\-since"), "{page}");
+    // Renders with man(1) where it is installed.
+    if std::process::Command::new("man")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keygate.1");
+        std::fs::write(&file, &page).unwrap();
+        let shown = std::process::Command::new("man")
+            .arg("-l")
+            .arg(&file)
+            .env("MANWIDTH", "100")
+            .env("MANPAGER", "cat")
+            .env("PAGER", "cat")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&shown.stdout);
+        assert!(text.contains("KEYGATE KEYS MINT"), "{text}");
+        assert!(
+            !String::from_utf8_lossy(&shown.stderr).contains("warning"),
+            "{shown:?}"
+        );
+    }
+}

@@ -725,7 +725,10 @@ async fn refused_keys_are_logged_with_reason_prefix_and_key_id() {
             break rid;
         }
         assert_eq!(r.status, 200, "{r:?}");
-        assert!(Instant::now() < deadline, "the 1s key still works after 10s");
+        assert!(
+            Instant::now() < deadline,
+            "the 1s key still works after 10s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
@@ -767,7 +770,10 @@ async fn refused_keys_are_logged_with_reason_prefix_and_key_id() {
     assert_eq!(line["key_id"], expiring_id.as_str(), "{line}");
     // Never more of a token than its prefix.
     for t in [&unknown, &typo, &revoked, &expiring] {
-        assert!(!log.contains(&t[12..]), "a token's secret part is in the log");
+        assert!(
+            !log.contains(&t[12..]),
+            "a token's secret part is in the log"
+        );
     }
 }
 
@@ -848,7 +854,10 @@ async fn start_up_line_feed_changes_once_and_key_api_bytes_in() {
         .unwrap_or_else(|| panic!("no start-up line:\n{log}"));
     assert_eq!(start["version"], env!("CARGO_PKG_VERSION"), "{start}");
     assert_eq!(start["scheme"], "http", "{start}");
-    assert!(start["protocols"].as_str().unwrap().contains("h2c"), "{start}");
+    assert!(
+        start["protocols"].as_str().unwrap().contains("h2c"),
+        "{start}"
+    );
     assert_eq!(start["upstream"], format!("http://{}/", up.addr), "{start}");
     assert_eq!(
         start["store"],
@@ -857,7 +866,10 @@ async fn start_up_line_feed_changes_once_and_key_api_bytes_in() {
     );
     assert_eq!(start["tenant"], "acme", "{start}");
     assert!(
-        start["hosts"].as_str().unwrap().contains("acme.moleculesai.app"),
+        start["hosts"]
+            .as_str()
+            .unwrap()
+            .contains("acme.moleculesai.app"),
         "{start}"
     );
 

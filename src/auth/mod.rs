@@ -230,7 +230,8 @@ impl Authenticator {
                         }
                     };
                     // A store outage is not the key's end: only a clear "invalid".
-                    if recheck && matches!(inner.authenticate(hash).await, Err(AuthError::Invalid(_)))
+                    if recheck
+                        && matches!(inner.authenticate(hash).await, Err(AuthError::Invalid(_)))
                     {
                         return;
                     }

@@ -224,14 +224,21 @@ mod tests {
         assert_eq!(check(g, P), Ok(()));
         assert_eq!(check(&g[..g.len() - 1], P), Err(Refusal::Malformed));
         assert_eq!(check(&format!("{g}x"), P), Err(Refusal::Malformed));
-        assert_eq!(check(&g.replacen("mok_", "mak_", 1), P), Err(Refusal::Malformed));
+        assert_eq!(
+            check(&g.replacen("mok_", "mak_", 1), P),
+            Err(Refusal::Malformed)
+        );
         assert_eq!(
             check(&format!("{}-{}", &g[..10], &g[11..]), P),
             Err(Refusal::Malformed)
         );
         // One character of the random part changed: same shape, wrong sum.
         let mut typo = g.as_bytes().to_vec();
-        typo[P.len() + 3] = if typo[P.len() + 3] == b'a' { b'b' } else { b'a' };
+        typo[P.len() + 3] = if typo[P.len() + 3] == b'a' {
+            b'b'
+        } else {
+            b'a'
+        };
         let typo = String::from_utf8(typo).unwrap();
         assert_eq!(check(&typo, P), Err(Refusal::BadChecksum));
     }

@@ -476,8 +476,16 @@ mod tests {
         );
         t!("/x", ["acme.moleculesai.app"], Ok("acme.moleculesai.app"));
         t!("/x", NONE, BadHost);
-        t!("https://acme.moleculesai.app/x", ["evil.com"], AuthorityMismatch);
-        t!("https://evil.com/x", ["acme.moleculesai.app"], AuthorityMismatch);
+        t!(
+            "https://acme.moleculesai.app/x",
+            ["evil.com"],
+            AuthorityMismatch
+        );
+        t!(
+            "https://evil.com/x",
+            ["acme.moleculesai.app"],
+            AuthorityMismatch
+        );
         t!(
             "https://acme.moleculesai.app/x",
             ["acme.moleculesai.app.."],
