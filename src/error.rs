@@ -257,6 +257,16 @@ impl Rejection {
         matches!(self, Rejection::Unauthorized)
     }
 
+    /// The `Allow` header of a 405 (RFC 9110 §15.5.6). `CONNECT` is the one
+    /// method keygate never proxies; the keys API's 405 names its route's
+    /// methods (`keys_api::allowed_methods`, added where the route is known).
+    pub fn allow(self) -> Option<&'static str> {
+        match self {
+            Rejection::MethodNotAllowed => Some("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            _ => None,
+        }
+    }
+
     pub fn wants_retry_after(self) -> bool {
         matches!(
             self,
@@ -441,6 +451,19 @@ mod tests {
             let obj = b.as_object().unwrap();
             assert_eq!(obj.len(), 1, "{b}");
             assert_plain(obj["error"].as_str().unwrap());
+        }
+    }
+
+    #[test]
+    fn method_not_allowed_names_what_is_allowed() {
+        let allow = Rejection::MethodNotAllowed.allow().unwrap();
+        assert!(!allow.contains("CONNECT") && allow.contains("GET"));
+        for (r, _, _) in table() {
+            assert_eq!(
+                r.allow().is_some(),
+                r == Rejection::MethodNotAllowed,
+                "{r:?}"
+            );
         }
     }
 

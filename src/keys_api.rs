@@ -89,6 +89,15 @@ pub async fn handle(
     }
 }
 
+/// The `Allow` header of a route's 405: the methods [`handle`] answers there.
+pub fn allowed_methods(route: &KeysRoute) -> &'static str {
+    match route {
+        KeysRoute::Collection => "GET, POST",
+        KeysRoute::Item(_) => "DELETE",
+        KeysRoute::Unknown => "",
+    }
+}
+
 fn store_down(err: crate::auth::store::StoreError) -> Rejection {
     tracing::warn!(error = %err, "key store call failed on /org/tokens");
     Rejection::StoreUnavailable

@@ -195,6 +195,9 @@ pub fn reject(app: &App, rejection: Rejection, request_id: &HeaderValue) -> Resp
     if rejection.close_connection() {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    if let Some(allow) = rejection.allow() {
+        h.insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
     resp
 }
 
@@ -292,9 +295,26 @@ async fn decide(
         // Boxed: a rare path with a large future (the common request's
         // future should not reserve its space).
         let answer = keys_api::handle(app, conn, route, parts, body, identity, request_id);
-        let resp = match record {
-            Some(r) => Box::pin(keys_api::BYTES_IN.scope(r.bytes_in.clone(), answer)).await?,
-            None => Box::pin(answer).await?,
+        let answered = match record {
+            Some(r) => Box::pin(keys_api::BYTES_IN.scope(r.bytes_in.clone(), answer)).await,
+            None => Box::pin(answer).await,
+        };
+        let resp = match answered {
+            Ok(resp) => resp,
+            // A 405 names the route's methods (RFC 9110 §15.5.6).
+            Err(rejection @ Rejection::KeysMethodNotAllowed) => {
+                let mut resp = reject(app, rejection, request_id);
+                resp.headers_mut().insert(
+                    header::ALLOW,
+                    HeaderValue::from_static(keys_api::allowed_methods(route)),
+                );
+                return Ok(Decided {
+                    outcome: rejection.outcome(),
+                    response: resp,
+                    tunnel: None,
+                });
+            }
+            Err(rejection) => return Err(rejection),
         };
         return Ok(Decided {
             outcome: Outcome::Answered,
