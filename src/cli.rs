@@ -84,10 +84,17 @@ pub fn serve(path: &Path) -> Result<(), Failure> {
             .map_err(|e| Failure::Operation(e.to_string()))?;
         let (trigger, signal) = crate::shutdown::channel();
         spawn_signal_handler(trigger);
+        let (scheme, protocols) = listener_protocols(&config);
         tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
             listen = %config.listen.addr,
+            scheme,
+            protocols,
             admin = %config.admin.addr,
+            upstream = %config.upstream.url,
+            store = %store_address(&config.store.backend),
             tenant = %config.tenant.slug,
+            hosts = %config.tenant.served_hosts().join(","),
             "keygate serving"
         );
         crate::run(config, store, listeners, signal)
@@ -96,6 +103,38 @@ pub fn serve(path: &Path) -> Result<(), Failure> {
         tracing::info!("keygate stopped");
         Ok(())
     })
+}
+
+/// The public listener's scheme and HTTP versions, for the start-up line.
+fn listener_protocols(config: &Config) -> (&'static str, &'static str) {
+    match config.listen.tls {
+        Some(_) => ("https", "h2 and http/1.1 (ALPN)"),
+        None => ("http", "http/1.1 and h2c (prior knowledge)"),
+    }
+}
+
+/// The store for the start-up line: its kind and where, never a password
+/// (the userinfo of every URL is left out).
+fn store_address(backend: &StoreBackend) -> String {
+    use crate::config::RedisTarget;
+    fn bare(url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+        // Everything up to the last `@` is userinfo (a password may hold `/` or `@`).
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        format!("{scheme}://{host}")
+    }
+    match backend {
+        StoreBackend::Memory => "memory".into(),
+        StoreBackend::Redis(RedisTarget::Url(u)) => format!("redis {}", bare(u.expose())),
+        StoreBackend::Redis(RedisTarget::Cluster(nodes)) => {
+            let nodes: Vec<String> = nodes.iter().map(|n| bare(n.expose())).collect();
+            format!("redis cluster {}", nodes.join(","))
+        }
+        StoreBackend::Redis(RedisTarget::Sentinel { master, nodes }) => {
+            let nodes: Vec<String> = nodes.iter().map(|n| bare(n.expose())).collect();
+            format!("redis sentinel {master} via {}", nodes.join(","))
+        }
+    }
 }
 
 /// SIGTERM/SIGINT: graceful drain; a second one exits at once.
@@ -154,21 +193,38 @@ fn with_keys<T>(
     })
 }
 
-/// `30d`, `12h`, `90m`, `45s`.
-pub fn parse_lifetime(s: &str) -> Option<Duration> {
+/// A `--expires-in`/`--grace` value: the config's duration syntax
+/// ([`crate::config::parse_duration`]: ms s m h d w), more than zero.
+pub fn parse_cli_duration(flag: &str, s: &str) -> Result<Duration, Failure> {
+    match crate::config::parse_duration(s.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(Failure::Usage(format!("{flag}: must be more than zero"))),
+        Err(e) => Err(Failure::Usage(format!("{flag}: {e}"))),
+    }
+}
+
+/// A `--since` value, for every command that takes one: an RFC 3339 time
+/// (`2026-12-03T08:00:00Z`), a date (`2026-12-03` = that midnight, UTC), or
+/// a duration back from `now` in the config's syntax (`24h`, `7d`, `90m`).
+pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Failure> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        "w" => n.checked_mul(7 * 86_400)?,
-        _ => return None,
-    };
-    (secs > 0).then(|| Duration::from_secs(secs))
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        if let Some(midnight) = d.and_hms_opt(0, 0, 0) {
+            return Ok(midnight.and_utc());
+        }
+    }
+    if let Ok(back) = crate::config::parse_duration(s) {
+        return chrono::Duration::from_std(back)
+            .ok()
+            .and_then(|b| now.checked_sub_signed(b))
+            .ok_or_else(|| Failure::Usage(format!("--since: '{s}' is too far back")));
+    }
+    Err(Failure::Usage(format!(
+        "--since: '{s}' is not a time: use RFC 3339 (2026-12-03T08:00:00Z), a date (2026-12-03, midnight UTC) or a duration back from now (24h, 7d)"
+    )))
 }
 
 /// `keygate keys mint` flags, as given.
@@ -206,11 +262,7 @@ pub fn keys_mint(path: &Path, args: MintArgs, json: bool) -> Result<(), Failure>
     let expires_at = match expires_in {
         None => None,
         Some(s) => {
-            let d = parse_lifetime(&s).ok_or_else(|| {
-                Failure::Usage(format!(
-                    "--expires-in: '{s}' is not a duration like 30d, 12h or 90m"
-                ))
-            })?;
+            let d = parse_cli_duration("--expires-in", &s)?;
             Some(
                 Utc::now()
                     + chrono::Duration::from_std(d)
@@ -432,11 +484,7 @@ pub fn keys_usage(path: &Path, id: &str, since: Option<String>, json: bool) -> R
 pub fn audit(path: &Path, since: Option<String>, json: bool) -> Result<(), Failure> {
     let since = match since {
         None => None,
-        Some(s) => Some(
-            DateTime::parse_from_rfc3339(&s)
-                .map_err(|_| Failure::Usage(format!("--since: '{s}' is not an RFC 3339 time")))?
-                .with_timezone(&Utc),
-        ),
+        Some(s) => Some(parse_since(&s, Utc::now())?),
     };
     with_keys(path, async |_, keys| {
         let entries = keys
@@ -527,4 +575,88 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
 pub fn demo(port: u16) -> Result<(), Failure> {
     let rt = runtime(0)?;
     rt.block_on(crate::demo::run(port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(r: Result<impl std::fmt::Debug, Failure>) -> String {
+        match r {
+            Err(Failure::Usage(m)) => m,
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn since_takes_rfc3339_a_date_or_a_duration_back() {
+        let now = DateTime::parse_from_rfc3339("2026-12-04T13:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let at = |s: &str| rfc3339(&parse_since(s, now).unwrap());
+        assert_eq!(at("2026-12-03T08:30:00Z"), "2026-12-03T08:30:00Z");
+        assert_eq!(at("2026-12-03T08:30:00+01:00"), "2026-12-03T07:30:00Z");
+        assert_eq!(at("2026-12-03"), "2026-12-03T00:00:00Z");
+        assert_eq!(at("24h"), "2026-12-03T13:00:00Z");
+        assert_eq!(at("7d"), "2026-11-27T13:00:00Z");
+        assert_eq!(at("90m"), "2026-12-04T11:30:00Z");
+        assert_eq!(at(" 1w "), "2026-11-27T13:00:00Z");
+        for bad in ["yesterday", "2026-13-01", "24", "h", "", "-1h"] {
+            let m = usage(parse_since(bad, now));
+            assert!(m.starts_with("--since: "), "{bad}: {m}");
+            assert!(m.contains("RFC 3339") && m.contains("24h"), "{bad}: {m}");
+        }
+    }
+
+    #[test]
+    fn cli_durations_use_the_config_syntax() {
+        let d = |s: &str| parse_cli_duration("--expires-in", s).unwrap();
+        assert_eq!(d("250ms"), Duration::from_millis(250));
+        assert_eq!(d("45s"), Duration::from_secs(45));
+        assert_eq!(d("90m"), Duration::from_secs(5400));
+        assert_eq!(d("12h"), Duration::from_secs(43_200));
+        assert_eq!(d("30d"), Duration::from_secs(30 * 86_400));
+        assert_eq!(d("2w"), Duration::from_secs(14 * 86_400));
+        assert!(usage(parse_cli_duration("--expires-in", "0s")).contains("more than zero"));
+        let m = usage(parse_cli_duration("--expires-in", "soon"));
+        assert!(
+            m.starts_with("--expires-in: ") && m.contains("ms, s, m, h, d or w"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn store_address_never_shows_userinfo() {
+        use crate::config::{RedisTarget, Secret};
+        let url = |u: &str| StoreBackend::Redis(RedisTarget::Url(Secret::new(u)));
+        assert_eq!(store_address(&StoreBackend::Memory), "memory");
+        assert_eq!(
+            store_address(&url("redis://:pa/ss@h:1/0")),
+            "redis redis://h:1/0"
+        );
+        assert_eq!(
+            store_address(&url("redis://:pw@10.0.0.1:6379/3")),
+            "redis redis://10.0.0.1:6379/3"
+        );
+        assert_eq!(
+            store_address(&url("rediss://user:p@ss@cache:6380")),
+            "redis rediss://cache:6380"
+        );
+        let cluster = StoreBackend::Redis(RedisTarget::Cluster(vec![
+            Secret::new("redis://:pw@a:1"),
+            Secret::new("redis://b:2"),
+        ]));
+        assert_eq!(
+            store_address(&cluster),
+            "redis cluster redis://a:1,redis://b:2"
+        );
+        let sentinel = StoreBackend::Redis(RedisTarget::Sentinel {
+            master: "kg".into(),
+            nodes: vec![Secret::new("redis://:pw@s:26379")],
+        });
+        assert_eq!(
+            store_address(&sentinel),
+            "redis sentinel kg via redis://s:26379"
+        );
+    }
 }

@@ -33,8 +33,10 @@ impl std::fmt::Display for ErrorChain<'_> {
 pub enum Rejection {
     /// Request target not origin-form (or an acceptable absolute-form), fragment, userinfo.
     BadTarget,
-    /// Host header missing or duplicated (HTTP/1.1), `:authority` disagreeing with `host`.
+    /// Host header missing or duplicated.
     BadHost,
+    /// HTTP/2: `:authority` and a `host` header name different hosts.
+    AuthorityMismatch,
     /// `Content-Length` with `Transfer-Encoding`, or a `Transfer-Encoding` other than one `chunked`.
     BadFraming,
     /// More than one `Authorization` header.
@@ -148,6 +150,7 @@ impl Rejection {
         match self {
             Rejection::BadTarget
             | Rejection::BadHost
+            | Rejection::AuthorityMismatch
             | Rejection::BadFraming
             | Rejection::DuplicateAuthorization
             | Rejection::BadRequest(_)
@@ -182,6 +185,9 @@ impl Rejection {
         match self {
             Rejection::BadTarget => "bad request: invalid request target",
             Rejection::BadHost => "bad request: missing or duplicated host",
+            Rejection::AuthorityMismatch => {
+                "bad request: :authority and host header name different hosts"
+            }
             Rejection::BadFraming => "bad request: invalid message framing",
             Rejection::DuplicateAuthorization => "bad request: more than one authorization header",
             Rejection::BadRequest(msg) => msg,
@@ -217,6 +223,7 @@ impl Rejection {
         match self {
             Rejection::BadTarget
             | Rejection::BadHost
+            | Rejection::AuthorityMismatch
             | Rejection::BadFraming
             | Rejection::DuplicateAuthorization
             | Rejection::BadRequest(_)
@@ -252,6 +259,7 @@ impl Rejection {
             Rejection::BadFraming
                 | Rejection::HeadersTooLarge
                 | Rejection::BadHost
+                | Rejection::AuthorityMismatch
                 | Rejection::FramingInConnection
                 | Rejection::Unjudged
                 | Rejection::BadBody
@@ -265,6 +273,16 @@ impl Rejection {
     /// added by the responder; this says which.
     pub fn wants_www_authenticate(self) -> bool {
         matches!(self, Rejection::Unauthorized)
+    }
+
+    /// The `Allow` header of a 405 (RFC 9110 §15.5.6). `CONNECT` is the one
+    /// method keygate never proxies; the keys API's 405 names its route's
+    /// methods (`keys_api::allowed_methods`, added where the route is known).
+    pub fn allow(self) -> Option<&'static str> {
+        match self {
+            Rejection::MethodNotAllowed => Some("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            _ => None,
+        }
     }
 
     pub fn wants_retry_after(self) -> bool {
@@ -282,3 +300,200 @@ impl std::fmt::Display for Rejection {
 }
 
 impl std::error::Error for Rejection {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every refusal keygate answers itself: status and the exact `"error"`
+    /// text. The match below has no `_` arm, so a new variant fails to
+    /// compile until it is listed here.
+    fn table() -> Vec<(Rejection, u16, &'static str)> {
+        use Rejection::*;
+        let all =
+            vec![
+            (BadTarget, 400, "bad request: invalid request target"),
+            (BadHost, 400, "bad request: missing or duplicated host"),
+            (
+                AuthorityMismatch,
+                400,
+                "bad request: :authority and host header name different hosts",
+            ),
+            (BadFraming, 400, "bad request: invalid message framing"),
+            (
+                DuplicateAuthorization,
+                400,
+                "bad request: more than one authorization header",
+            ),
+            (AmbiguousPath, 400, "bad request: ambiguous path"),
+            (UriTooLong, 414, "request target too long"),
+            (HeadersTooLarge, 431, "request header fields too large"),
+            (MethodNotAllowed, 405, "method not allowed"),
+            (KeysMethodNotAllowed, 405, "method not allowed"),
+            (
+                Misdirected,
+                421,
+                "misdirected request: host not served by this tenant",
+            ),
+            (Forbidden, 403, "forbidden"),
+            (CrossSiteOrigin, 403, "forbidden: cross-site request"),
+            (
+                FramingInConnection,
+                400,
+                "bad request: connection header names content-length, transfer-encoding or host",
+            ),
+            (Unjudged, 400, "bad request: invalid message framing"),
+            (BadBody, 400, "bad request: unreadable request body"),
+            (
+                BodyTimeout,
+                408,
+                "request timeout: the request body stopped arriving",
+            ),
+            (Unauthorized, 401, "invalid or revoked org API key"),
+            (StoreUnavailable, 503, "key store unavailable"),
+            (SessionVerifierUnavailable, 503, "session verifier unavailable"),
+            (TokenNotFound, 404, "token not found or already revoked"),
+            (NotFound, 404, "not found"),
+            (MintCeiling, 429, "org api token mint ceiling exceeded"),
+            (OutOfScope, 403, "forbidden: outside this key's scope"),
+            (RateLimited, 429, "rate limit exceeded"),
+            (PayloadTooLarge, 413, "request body too large"),
+            (UpstreamUnreachable, 502, "bad gateway: upstream unreachable"),
+            (
+                UpstreamTimeout,
+                504,
+                "gateway timeout: upstream did not answer in time",
+            ),
+        ];
+        for (r, _, _) in &all {
+            match r {
+                BadTarget
+                | BadHost
+                | AuthorityMismatch
+                | BadFraming
+                | DuplicateAuthorization
+                | AmbiguousPath
+                | UriTooLong
+                | HeadersTooLarge
+                | MethodNotAllowed
+                | KeysMethodNotAllowed
+                | Misdirected
+                | Forbidden
+                | CrossSiteOrigin
+                | FramingInConnection
+                | Unjudged
+                | BadBody
+                | BodyTimeout
+                | Unauthorized
+                | StoreUnavailable
+                | SessionVerifierUnavailable
+                | TokenNotFound
+                | NotFound
+                | MintCeiling
+                | OutOfScope
+                | RateLimited
+                | PayloadTooLarge
+                | UpstreamUnreachable
+                | UpstreamTimeout => {}
+                BadRequest(_) => unreachable!("listed from the sources below"),
+            }
+        }
+        all
+    }
+
+    /// The `BadRequest("…")` texts in the sources that build them, and the
+    /// literal `{"error":"…"}` bodies written outside [`Rejection`].
+    fn texts_in_sources() -> (Vec<String>, Vec<String>) {
+        let sources = [
+            include_str!("keys_api.rs"),
+            include_str!("forward.rs"),
+            include_str!("auth/scope.rs"),
+            include_str!("admin.rs"),
+            include_str!("listener/accept.rs"),
+            include_str!("session.rs"),
+        ];
+        let (mut bad_requests, mut literals) = (Vec::new(), Vec::new());
+        for src in sources {
+            // Every string literal that starts "bad request: ".
+            for (i, _) in src.match_indices("\"bad request: ") {
+                let rest = &src[i + 1..];
+                let mut end = 0;
+                let b = rest.as_bytes();
+                while end < b.len() && !(b[end] == b'"' && (end == 0 || b[end - 1] != b'\\')) {
+                    end += 1;
+                }
+                if end > "bad request: ".len() {
+                    bad_requests.push(rest[..end].replace("\\\"", "\""));
+                }
+            }
+            for (i, _) in src.match_indices("r#\"{\"error\":\"") {
+                let rest = &src[i + 3..];
+                let end = rest.find("\"#").unwrap();
+                literals.push(rest[..end].to_string());
+            }
+        }
+        (bad_requests, literals)
+    }
+
+    fn assert_plain(text: &str) {
+        for bad in ["::", "Error", "{", "}", "Some(", "None", "\\n", "0x"] {
+            assert!(!text.contains(bad), "{text:?} contains {bad:?}");
+        }
+        assert!(!text.is_empty() && text.len() < 120, "{text:?}");
+        assert_eq!(text.trim(), text);
+    }
+
+    #[test]
+    fn every_error_body_names_its_cause_in_plain_words() {
+        for (r, status, text) in table() {
+            assert_eq!(r.status().as_u16(), status, "{r:?}");
+            assert_eq!(r.message(), text, "{r:?}");
+            assert_eq!(r.to_string(), text);
+            assert_plain(text);
+        }
+        let (bad_requests, literals) = texts_in_sources();
+        assert!(bad_requests.len() >= 15, "{bad_requests:?}");
+        for text in &bad_requests {
+            assert_plain(text);
+            let r = Rejection::BadRequest("x");
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(r.outcome(), Outcome::BadRequest);
+        }
+        let bodies: Vec<serde_json::Value> = literals
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect();
+        assert!(
+            literals
+                .iter()
+                .any(|l| l.contains("plain HTTP request sent to the TLS port: use https://")),
+            "{literals:?}"
+        );
+        for b in &bodies {
+            let obj = b.as_object().unwrap();
+            assert_eq!(obj.len(), 1, "{b}");
+            assert_plain(obj["error"].as_str().unwrap());
+        }
+    }
+
+    #[test]
+    fn method_not_allowed_names_what_is_allowed() {
+        let allow = Rejection::MethodNotAllowed.allow().unwrap();
+        assert!(!allow.contains("CONNECT") && allow.contains("GET"));
+        for (r, _, _) in table() {
+            assert_eq!(
+                r.allow().is_some(),
+                r == Rejection::MethodNotAllowed,
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_authority_mismatch_is_its_own_400() {
+        let r = Rejection::AuthorityMismatch;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert_ne!(r.message(), Rejection::BadHost.message());
+        assert!(r.message().contains(":authority") && r.message().contains("host"));
+    }
+}

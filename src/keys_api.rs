@@ -115,6 +115,17 @@ pub async fn handle(
     }
 }
 
+/// The `Allow` header of a route's 405: the methods [`handle`] answers there.
+pub fn allowed_methods(route: &KeysRoute) -> &'static str {
+    match route {
+        KeysRoute::Collection => "GET, POST",
+        KeysRoute::Item(_) => "DELETE",
+        KeysRoute::Rotate(_) => "POST",
+        KeysRoute::Usage(_) => "GET",
+        KeysRoute::Unknown => "",
+    }
+}
+
 fn store_down(err: crate::auth::store::StoreError) -> Rejection {
     tracing::warn!(error = %err, "key store call failed on /org/tokens");
     Rejection::StoreUnavailable
@@ -141,9 +152,20 @@ async fn session_user(app: &App, parts: &Parts) -> Result<String, Rejection> {
     }
 }
 
+tokio::task_local! {
+    /// The access record's `bytes_in` of the request being answered (set by
+    /// `proxy` around [`handle`]): a body read here is counted there.
+    pub static BYTES_IN: std::sync::Arc<std::sync::atomic::AtomicU64>;
+}
+
 async fn read_mint_request(body: Incoming) -> Result<MintRequest, Rejection> {
     let bytes = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
+        Ok(c) => {
+            let bytes = c.to_bytes();
+            let _ = BYTES_IN
+                .try_with(|n| n.store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed));
+            bytes
+        }
         Err(err) => {
             if err
                 .downcast_ref::<http_body_util::LengthLimitError>()

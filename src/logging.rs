@@ -70,6 +70,10 @@ pub struct AccessLine<'a> {
     pub outcome: &'a str,
     pub duration_ms: f64,
     pub key_id: Option<&'a str>,
+    /// A refused org key: why (`malformed`, `bad_checksum`, `unknown`,
+    /// `revoked`, `expired`, `other_tenant`) and its 12-character prefix.
+    pub refusal: Option<&'a str>,
+    pub prefix: Option<&'a str>,
     pub upstream_status: Option<u16>,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -149,6 +153,14 @@ impl AccessLog {
                     }
                     None => line.push_str("null"),
                 }
+                if let Some(reason) = l.refusal {
+                    let _ = write!(line, ",\"refusal\":\"{reason}\"");
+                }
+                if let Some(p) = l.prefix {
+                    line.push_str(",\"prefix\":\"");
+                    json_escape(&mut line, p);
+                    line.push('"');
+                }
                 match l.upstream_status {
                     Some(s) => {
                         let _ = write!(line, ",\"upstream_status\":{s}");
@@ -182,9 +194,18 @@ impl AccessLog {
                     l.bytes_in,
                     l.bytes_out
                 );
-                if let Some(end) = l.tunnel_end {
+                if l.refusal.is_some() || l.prefix.is_some() || l.tunnel_end.is_some() {
                     line.pop();
-                    let _ = writeln!(line, " tunnel_end={end}");
+                    if let Some(reason) = l.refusal {
+                        let _ = write!(line, " refusal={reason}");
+                    }
+                    if let Some(p) = l.prefix {
+                        let _ = write!(line, " prefix={p:?}");
+                    }
+                    if let Some(end) = l.tunnel_end {
+                        let _ = write!(line, " tunnel_end={end}");
+                    }
+                    line.push('\n');
                 }
             }
         }
@@ -255,6 +276,8 @@ mod tests {
             outcome: "forwarded",
             duration_ms: 1.5,
             key_id: Some("k1"),
+            refusal: None,
+            prefix: None,
             upstream_status: Some(200),
             bytes_in: 3,
             bytes_out: 2,
@@ -268,6 +291,52 @@ mod tests {
         assert_eq!(v["bytes_out"], 2);
         assert_eq!(v["target"], "keygate::access");
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn refused_key_fields_in_both_formats() {
+        for format in [LogFormat::Json, LogFormat::Text] {
+            let cfg = LogConfig {
+                format,
+                level: "info".into(),
+                access: true,
+            };
+            let log = AccessLog::new(&cfg).unwrap();
+            log.write(&AccessLine {
+                request_id: "r1",
+                client: "127.0.0.1".parse().unwrap(),
+                method: "GET",
+                path: "/",
+                status: 401,
+                outcome: "unauthorized",
+                duration_ms: 0.5,
+                key_id: Some("k1"),
+                refusal: Some("revoked"),
+                prefix: Some("mok_abcdefgh"),
+                upstream_status: None,
+                bytes_in: 0,
+                bytes_out: 45,
+                tunnel_end: None,
+            });
+            let bytes = std::mem::take(&mut log.state.lock().unwrap().bytes);
+            let text = String::from_utf8(bytes).unwrap();
+            assert_eq!(text.matches('\n').count(), 1, "{text}");
+            match format {
+                LogFormat::Json => {
+                    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    assert_eq!(v["refusal"], "revoked");
+                    assert_eq!(v["prefix"], "mok_abcdefgh");
+                    assert_eq!(v["key_id"], "k1");
+                }
+                LogFormat::Text => {
+                    assert!(
+                        text.ends_with(" refusal=revoked prefix=\"mok_abcdefgh\"\n"),
+                        "{text}"
+                    );
+                    assert!(text.contains(" key_id=k1 "), "{text}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -41,13 +41,21 @@ enum Command {
     Audit {
         #[command(flatten)]
         config: ConfigArg,
-        /// Only entries at or after this RFC 3339 time.
-        #[arg(long, value_name = "RFC3339")]
+        /// Only entries from then on: RFC 3339 time, a date (2026-12-03 = midnight UTC)
+        /// or a duration back from now (24h, 7d).
+        #[arg(long, value_name = "WHEN")]
         since: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script: `keygate completions bash > /etc/bash_completion.d/keygate`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `keygate man > keygate.1; man ./keygate.1`.
+    Man,
     /// Self-contained demo: memory store, echo upstream, proxy on 127.0.0.1.
     Demo {
         /// Port of the demo proxy.
@@ -65,7 +73,7 @@ enum KeysCommand {
         /// A name for the key.
         #[arg(long)]
         name: Option<String>,
-        /// Lifetime, e.g. 30d, 12h, 90m.
+        /// Lifetime in the config's duration syntax (ms s m h d w), e.g. 30d, 12h, 90m.
         #[arg(long, value_name = "DUR")]
         expires_in: Option<String>,
         /// admin (default), editor or reader.
@@ -172,6 +180,12 @@ fn main() -> ExitCode {
             json,
         } => cli::audit(&config_path(config.config), since, json),
         Command::Demo { port } => cli::demo(port),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "keygate", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => man_page(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -189,6 +203,86 @@ fn main() -> ExitCode {
             eprintln!("error: {msg}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `keygate(1)`: the top-level page, with every subcommand's usage and flags.
+fn man_page() -> Result<(), Failure> {
+    use std::io::Write as _;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    let page = clap_mangen::Man::new(cmd.clone());
+    page.render_title(&mut out)
+        .and_then(|_| page.render_name_section(&mut out))
+        .and_then(|_| page.render_synopsis_section(&mut out))
+        .and_then(|_| page.render_description_section(&mut out))
+        .map_err(|e| Failure::Operation(format!("cannot render the man page: {e}")))?;
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        render_subcommand(&mut out, sub, "keygate")?;
+    }
+    out.extend_from_slice(
+        b".SH \"EXIT STATUS\"\n0 success; 1 an operation failed (store unreachable, not found); \
+          2 a usage or configuration error. Errors print one line starting with \\fBerror:\\fR.\n\
+          .SH FILES\nThe configuration: \\fB\\-\\-config\\fR, else \\fB$KEYGATE_CONFIG\\fR, \
+          else \\fIconfig/keygate.toml\\fR (the container image sets \
+          KEYGATE_CONFIG=/etc/keygate/keygate.toml).\n",
+    );
+    page.render_version_section(&mut out)
+        .map_err(|e| Failure::Operation(format!("cannot render the man page: {e}")))?;
+    std::io::stdout()
+        .write_all(&out)
+        .map_err(|e| Failure::Operation(format!("cannot write the man page: {e}")))
+}
+
+/// One `.SH` section per (nested) subcommand: its usage, about and options.
+fn render_subcommand(out: &mut Vec<u8>, sub: &clap::Command, parent: &str) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let name = format!("{parent} {}", sub.get_name());
+    let mut sub = sub.clone().bin_name(&name);
+    let usage = sub.render_usage().to_string();
+    let usage = usage.trim_start_matches("Usage: ");
+    let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+    let mut text = format!(
+        ".SH \"{}\"\n{}\n.PP\n\\fB{}\\fR\n",
+        name.to_uppercase(),
+        roff_escape(&about),
+        roff_escape(usage)
+    );
+    for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+        let id = arg.get_id().as_str();
+        if id == "help" || id == "version" {
+            continue;
+        }
+        let values = match arg.get_value_names() {
+            Some(v) => v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "),
+            None => id.to_uppercase(),
+        };
+        let flag = match (arg.get_long(), arg.get_action().takes_values()) {
+            (Some(l), true) => format!("--{l} <{values}>"),
+            (Some(l), false) => format!("--{l}"),
+            (None, _) => format!("<{values}>"),
+        };
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+        text.push_str(&format!(
+            ".TP\n\\fB{}\\fR\n{}\n",
+            roff_escape(&flag),
+            roff_escape(&help)
+        ));
+    }
+    out.write_all(text.as_bytes())
+        .map_err(|e| Failure::Operation(format!("cannot render the man page: {e}")))?;
+    for nested in sub.get_subcommands().filter(|s| s.get_name() != "help") {
+        render_subcommand(out, nested, &name)?;
+    }
+    Ok(())
+}
+
+/// Text for a roff line: backslashes and leading `.`/`'` neutralised.
+fn roff_escape(s: &str) -> String {
+    let s = s.replace('\\', "\\e").replace('-', "\\-");
+    match s.chars().next() {
+        Some('.') | Some('\'') => format!("\\&{s}"),
+        _ => s,
     }
 }
 

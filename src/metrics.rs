@@ -7,11 +7,13 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::auth::Refusal;
 use crate::error::Outcome;
 
 pub struct Metrics {
     registry: Registry,
     requests: Vec<IntCounter>,
+    key_refusals: Vec<IntCounter>,
     pub request_duration: Histogram,
     pub upstream_duration: Histogram,
     pub cache_hits: IntCounter,
@@ -47,6 +49,21 @@ impl Metrics {
         let requests = Outcome::ALL
             .iter()
             .map(|o| requests_vec.with_label_values(&[o.label()]))
+            .collect();
+        let refusals_vec = IntCounterVec::new(
+            Opts::new(
+                "keygate_key_refusals_total",
+                "Org keys refused (401), by reason: malformed, bad_checksum, unknown, revoked, expired, other_tenant.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(refusals_vec.clone()))
+            .expect("register");
+        let key_refusals = Refusal::ALL
+            .iter()
+            .map(|r| refusals_vec.with_label_values(&[r.label()]))
             .collect();
 
         let request_duration = Histogram::with_opts(
@@ -144,6 +161,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            key_refusals,
             request_duration,
             upstream_duration,
             cache_hits,
@@ -163,6 +181,11 @@ impl Metrics {
     #[inline]
     pub fn record_outcome(&self, outcome: Outcome) {
         self.requests[outcome.index()].inc();
+    }
+
+    #[inline]
+    pub fn record_refusal(&self, reason: Refusal) {
+        self.key_refusals[reason.index()].inc();
     }
 
     /// Prometheus text exposition format.

@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::auth::credential::{self, Credential};
-use crate::auth::{token, AuthError};
+use crate::auth::{token, AuthError, Refusal, Refused};
 use crate::config::ForwardPolicy;
 use crate::error::{Outcome, Rejection};
 use crate::exchange::{json_response, ConnInfo, ProxyBody};
@@ -42,6 +42,8 @@ pub struct AccessRecord {
     outcome: Outcome,
     started: Instant,
     key_id: Option<crate::auth::Principal>,
+    /// A refused org key: why, its display prefix, and its id when known.
+    refused: Option<RefusedKey>,
     upstream_status: Option<u16>,
     bytes_in: Arc<AtomicU64>,
     /// Set for a WebSocket tunnel, whose line is written when it closes.
@@ -59,7 +61,13 @@ impl AccessRecord {
             status: self.status,
             outcome: self.outcome.label(),
             duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
-            key_id: self.key_id.as_ref().map(|p| p.key_id()),
+            key_id: match (&self.key_id, &self.refused) {
+                (Some(p), _) => Some(p.key_id()),
+                (None, Some(r)) => r.key_id.as_deref(),
+                (None, None) => None,
+            },
+            refusal: self.refused.as_ref().map(|r| r.reason.label()),
+            prefix: self.refused.as_ref().and_then(|r| r.prefix.as_deref()),
             upstream_status: self.upstream_status,
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out,
@@ -90,6 +98,7 @@ pub async fn handle(
             outcome: Outcome::Forwarded,
             started,
             key_id: None,
+            refused: None,
             upstream_status: None,
             bytes_in: Arc::new(AtomicU64::new(0)),
             tunnel_end: None,
@@ -197,6 +206,9 @@ pub fn reject(app: &App, rejection: Rejection, request_id: &HeaderValue) -> Resp
     if rejection.close_connection() {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    if let Some(allow) = rejection.allow() {
+        h.insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
     resp
 }
 
@@ -241,12 +253,25 @@ async fn decide(
     let prefix = app.config.auth.key_prefix.as_str();
     let credential = credential::parse(&parts.headers, prefix)?;
     if key_malformed {
-        return Err(Rejection::Unauthorized);
+        let shown = match credential {
+            Credential::OrgKey(tok) => Some(token::display_prefix(tok)),
+            _ => None,
+        };
+        return Err(refuse_key(app, record, shown, Refused::malformed()));
     }
     let identity = match credential {
         Credential::OrgKey(tok) => {
-            if !token::check_format(tok, prefix) {
-                return Err(Rejection::Unauthorized);
+            if let Err(reason) = token::check(tok, prefix) {
+                let refused = Refused {
+                    reason,
+                    key_id: None,
+                };
+                return Err(refuse_key(
+                    app,
+                    record,
+                    Some(token::display_prefix(tok)),
+                    refused,
+                ));
             }
             match app.auth.authenticate(tok).await {
                 Ok(principal) => {
@@ -256,11 +281,20 @@ async fn decide(
                     }
                     Identity::OrgKey(principal)
                 }
-                Err(AuthError::Invalid) => return Err(Rejection::Unauthorized),
+                Err(AuthError::Invalid(refused)) => {
+                    let shown = Some(token::display_prefix(tok));
+                    return Err(refuse_key(app, record, shown, refused));
+                }
                 Err(AuthError::StoreUnavailable) => return Err(Rejection::StoreUnavailable),
             }
         }
-        Credential::MalformedKey => return Err(Rejection::Unauthorized),
+        Credential::MalformedKey => {
+            let shown = parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| malformed_prefix(v.as_bytes(), prefix));
+            return Err(refuse_key(app, record, shown, Refused::malformed()));
+        }
         Credential::OtherBearer | Credential::OtherScheme => match app.config.auth.other_bearer {
             ForwardPolicy::Forward => Identity::Passthrough,
             ForwardPolicy::Reject => return Err(Rejection::Unauthorized),
@@ -302,10 +336,28 @@ async fn decide(
     if let Some(route) = &admitted.keys_route {
         // Boxed: a rare path with a large future (the common request's
         // future should not reserve its space).
-        let resp = Box::pin(keys_api::handle(
-            app, conn, route, parts, body, identity, request_id,
-        ))
-        .await?;
+        let answer = keys_api::handle(app, conn, route, parts, body, identity, request_id);
+        let answered = match record {
+            Some(r) => Box::pin(keys_api::BYTES_IN.scope(r.bytes_in.clone(), answer)).await,
+            None => Box::pin(answer).await,
+        };
+        let resp = match answered {
+            Ok(resp) => resp,
+            // A 405 names the route's methods (RFC 9110 §15.5.6).
+            Err(rejection @ Rejection::KeysMethodNotAllowed) => {
+                let mut resp = reject(app, rejection, request_id);
+                resp.headers_mut().insert(
+                    header::ALLOW,
+                    HeaderValue::from_static(keys_api::allowed_methods(route)),
+                );
+                return Ok(Decided {
+                    outcome: rejection.outcome(),
+                    response: resp,
+                    tunnel: None,
+                });
+            }
+            Err(rejection) => return Err(rejection),
+        };
         return Ok(Decided {
             outcome: Outcome::Answered,
             response: resp,
@@ -329,4 +381,67 @@ async fn decide(
         response: forwarded.response,
         tunnel: forwarded.tunnel,
     })
+}
+
+/// What the access line says about a refused org key (never the token: only
+/// its 12-character display prefix, which is stored and listed anyway).
+struct RefusedKey {
+    reason: Refusal,
+    prefix: Option<Box<str>>,
+    key_id: Option<Arc<str>>,
+}
+
+/// A refused org key: counted by reason, noted for the access line, and
+/// answered with the one 401 every refusal gets (§3 step 4).
+fn refuse_key(
+    app: &App,
+    record: Option<&mut AccessRecord>,
+    shown: Option<&str>,
+    refused: Refused,
+) -> Rejection {
+    app.metrics.record_refusal(refused.reason);
+    if let Some(r) = record {
+        r.refused = Some(RefusedKey {
+            reason: refused.reason,
+            prefix: shown.map(Box::from),
+            key_id: refused.key_id,
+        });
+    }
+    Rejection::Unauthorized
+}
+
+/// The display prefix of a key inside a malformed `Authorization` value: from
+/// `key_prefix` on, letters, digits and `_` only, at most 12 characters.
+fn malformed_prefix<'a>(value: &'a [u8], key_prefix: &str) -> Option<&'a str> {
+    let p = key_prefix.as_bytes();
+    if p.is_empty() {
+        return None;
+    }
+    let start = value.windows(p.len()).position(|w| w == p)?;
+    let rest = &value[start..];
+    let mut end = p.len();
+    while end < rest.len()
+        && end < token::DISPLAY_PREFIX_LEN
+        && (rest[end].is_ascii_alphanumeric() || rest[end] == b'_')
+    {
+        end += 1;
+    }
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::malformed_prefix;
+
+    #[test]
+    fn malformed_prefix_shows_at_most_twelve_key_characters() {
+        fn t(v: &str) -> Option<&str> {
+            malformed_prefix(v.as_bytes(), "mok_")
+        }
+        assert_eq!(t("Bearer  mok_abcdefghijklmnop"), Some("mok_abcdefgh"));
+        assert_eq!(t("Basic mok_ab cd"), Some("mok_ab"));
+        assert_eq!(t("Bearer mok_ab\tcd"), Some("mok_ab"));
+        assert_eq!(t("mok_"), Some("mok_"));
+        assert_eq!(t("Bearer xyz"), None);
+    }
 }

@@ -443,6 +443,36 @@ async fn unreachable_redis_and_bad_config() {
     }
 }
 
+/// A refused password names Redis's own reply, not a redis-rs enum name;
+/// a missing one says that the URL has none. Never the password itself.
+#[tokio::test]
+async fn redis_password_errors_name_the_cause() {
+    let server = RedisServer::start();
+    let port = server.port();
+    common::redis::redis_cli(port, &["CONFIG", "SET", "requirepass", "hunter2"]);
+    let dir = tempfile::tempdir().unwrap();
+    for (url, want) in [
+        (
+            format!("redis://:wrong-pass@127.0.0.1:{port}/0"),
+            format!("error: redis at 127.0.0.1:{port}: refused the password (WRONGPASS invalid username-password pair or user is disabled.)"),
+        ),
+        (
+            format!("redis://someone:wrong-pass@127.0.0.1:{port}/0"),
+            format!("error: redis at 127.0.0.1:{port}: refused the password (WRONGPASS invalid username-password pair or user is disabled.)"),
+        ),
+        (
+            format!("redis://127.0.0.1:{port}/0"),
+            format!("error: redis at 127.0.0.1:{port}: wants a password, store.url has none (NOAUTH Authentication required.)"),
+        ),
+    ] {
+        let config = write_config(dir.path(), &url, "");
+        let o = keygate(&["keys", "list", "--config", config.to_str().unwrap()]).await;
+        assert_exit(&o, 1, &url);
+        assert_eq!(stderr(&o).trim_end(), want, "{url}");
+        assert!(!stderr(&o).contains("wrong-pass"));
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Audit trail
 // ---------------------------------------------------------------------------
@@ -627,6 +657,23 @@ async fn every_mint_and_revoke_is_audited_with_its_actor() {
     let o = keygate(&["audit", "--config", cfg, "--json", "--since", &future]).await;
     assert_exit(&o, 0, "audit --since (future)");
     assert!(stdout(&o).trim().is_empty(), "{}", stdout(&o));
+    // A date (midnight UTC) and a duration back from now: the same syntax
+    // as the config's durations.
+    let today = Utc::now().format("%Y-%m-%d").to_string();
+    let tomorrow = (Utc::now() + chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    for (since, entries) in [
+        ("1h", want.len()),
+        ("24h", want.len()),
+        ("7d", want.len()),
+        (today.as_str(), want.len()),
+        (tomorrow.as_str(), 0),
+    ] {
+        let o = keygate(&["audit", "--config", cfg, "--json", "--since", since]).await;
+        assert_exit(&o, 0, &format!("audit --since {since}"));
+        assert_eq!(stdout(&o).lines().count(), entries, "--since {since}");
+    }
 
     // Table: a header line, then one line per entry, oldest first.
     let o = keygate(&["audit", "--config", cfg]).await;
@@ -655,4 +702,85 @@ async fn every_mint_and_revoke_is_audited_with_its_actor() {
         );
     }
     kg.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Completions and the man page
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn completions_are_generated_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F _keygate"),
+        ("zsh", "#compdef keygate"),
+        ("fish", "complete -c keygate"),
+    ] {
+        let o = keygate(&["completions", shell]).await;
+        assert_exit(&o, 0, &format!("completions {shell}"));
+        let out = stdout(&o);
+        assert!(out.contains(marker), "{shell}: no {marker:?} in\n{out}");
+        // Every command and a nested one's flags are offered.
+        for word in [
+            "serve",
+            "check",
+            "keys",
+            "mint",
+            "revoke",
+            "audit",
+            "demo",
+            "expires-in",
+            "since",
+        ] {
+            assert!(out.contains(word), "{shell}: {word} missing");
+        }
+        assert!(stderr(&o).is_empty(), "{shell}: {}", stderr(&o));
+    }
+    let o = keygate(&["completions", "tcsh"]).await;
+    assert_exit(&o, 2, "completions tcsh");
+}
+
+#[tokio::test]
+async fn man_page_is_roff_with_every_command() {
+    let o = keygate(&["man"]).await;
+    assert_exit(&o, 0, "man");
+    let page = stdout(&o);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH keygate 1"),
+        "{page}"
+    );
+    for section in [
+        ".SH NAME",
+        ".SH SYNOPSIS",
+        ".SH \"KEYGATE SERVE\"",
+        ".SH \"KEYGATE KEYS MINT\"",
+        ".SH \"KEYGATE AUDIT\"",
+        ".SH \"EXIT STATUS\"",
+    ] {
+        assert!(page.contains(section), "{section} missing:\n{page}");
+    }
+    assert!(page.contains("\\-\\-since"), "{page}");
+    // Renders with man(1) where it is installed.
+    if std::process::Command::new("man")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keygate.1");
+        std::fs::write(&file, &page).unwrap();
+        let shown = std::process::Command::new("man")
+            .arg("-l")
+            .arg(&file)
+            .env("MANWIDTH", "100")
+            .env("MANPAGER", "cat")
+            .env("PAGER", "cat")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&shown.stdout);
+        assert!(text.contains("KEYGATE KEYS MINT"), "{text}");
+        assert!(
+            !String::from_utf8_lossy(&shown.stderr).contains("warning"),
+            "{shown:?}"
+        );
+    }
 }

@@ -590,6 +590,38 @@ fn dockerfile_builds_locked_and_runs_keygate_as_non_root() {
         "USER must be a numeric non-root uid (Kubernetes runAsNonRoot): {user}"
     );
 
+    // The image ships the man page and the completions the binary generates.
+    for (generate, installed) in [
+        (
+            "keygate man > /out/keygate.1",
+            "/usr/local/share/man/man1/keygate.1",
+        ),
+        (
+            "keygate completions bash > /out/keygate.bash",
+            "/usr/share/bash-completion/completions/keygate",
+        ),
+        (
+            "keygate completions zsh > /out/_keygate",
+            "/usr/local/share/zsh/site-functions/_keygate",
+        ),
+        (
+            "keygate completions fish > /out/keygate.fish",
+            "/usr/share/fish/vendor_completions.d/keygate.fish",
+        ),
+    ] {
+        assert!(
+            runs.iter().any(|r| r.contains(generate)),
+            "the build does not run `{generate}`"
+        );
+        let src = generate.rsplit(' ').next().unwrap();
+        assert!(
+            find("COPY")
+                .iter()
+                .any(|c| c.contains("--from=builder") && c.contains(src) && c.ends_with(installed)),
+            "the runtime image does not install {src} as {installed}"
+        );
+    }
+
     // Every COPY from the build context names a file that exists and that
     // Dockerfile.dockerignore does not exclude.
     let ignore = read("deploy/Dockerfile.dockerignore");

@@ -418,6 +418,16 @@ async fn keys_routes_are_never_forwarded() {
         .await;
         assert_eq!(r.status, 405, "{method} {target}: {r:?}");
         assert!(!r.error().is_empty());
+        let allow = if target == "/org/tokens" {
+            "GET, POST"
+        } else {
+            "DELETE"
+        };
+        assert_eq!(
+            r.header("allow").as_deref(),
+            Some(allow),
+            "{method} {target}"
+        );
     }
     assert_eq!(up.count(), 0, "a keys route reached the app");
     // A lookalike path is the app's.

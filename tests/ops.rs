@@ -646,3 +646,234 @@ fn check_refuses_an_unreadable_tls_certificate() {
         "{stderr}"
     );
 }
+
+// ---- refused keys in the log (issue 17) ---------------------------------------------
+
+/// The JSON access line with `request_id`, from a finished process's output.
+fn access_line(log: &str, request_id: &str) -> serde_json::Value {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "keygate::access" && v["request_id"] == request_id)
+        .unwrap_or_else(|| panic!("no access line for {request_id}:\n{log}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_keys_are_logged_with_reason_prefix_and_key_id() {
+    let redis = common::redis::RedisServer::start();
+    let up = Upstream::start().await;
+    let mut kg = Serve::at(up.addr)
+        .store(&format!("url = \"{}\"", redis.url()))
+        .rest("\n[log]\nformat = \"json\"\n")
+        .start()
+        .await;
+    let cfg = kg.config.display().to_string();
+    let mint = |extra: &'static [&'static str]| {
+        let cfg = cfg.clone();
+        async move {
+            let mut args = vec!["keys", "mint", "--config", cfg.as_str(), "--json"];
+            args.extend_from_slice(extra);
+            let o = common::bin::run(&args, &[]).await;
+            assert!(o.status.success(), "{o:?}");
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            (
+                v["auth_token"].as_str().unwrap().to_string(),
+                v["id"].as_str().unwrap().to_string(),
+            )
+        }
+    };
+    let (revoked, revoked_id) = mint(&[]).await;
+    let (expiring, expiring_id) = mint(&["--expires-in", "1s"]).await;
+    let o = common::bin::run(&["keys", "revoke", "--config", &cfg, &revoked_id], &[]).await;
+    assert!(o.status.success(), "{o:?}");
+
+    let unknown = keygate::auth::token::mint("mok_").expose().to_string();
+    let mut typo = unknown.clone().into_bytes();
+    typo[20] = if typo[20] == b'a' { b'b' } else { b'a' };
+    let typo = String::from_utf8(typo).unwrap();
+    let cases: [(&str, String, &str, Option<&str>); 5] = [
+        ("malformed", "Bearer mok_short".into(), "mok_short", None),
+        ("bad_checksum", format!("Bearer {typo}"), &typo[..12], None),
+        ("unknown", format!("Bearer {unknown}"), &unknown[..12], None),
+        (
+            "revoked",
+            format!("Bearer {revoked}"),
+            &revoked[..12],
+            Some(&revoked_id),
+        ),
+        (
+            "malformed",
+            format!("Bearer  {unknown}"),
+            &unknown[..12],
+            None,
+        ),
+    ];
+    for (i, (_, auth, _, _)) in cases.iter().enumerate() {
+        let extra = format!("Authorization: {auth}\r\nX-Request-Id: refused-{i}\r\n");
+        let r = raw(kg.public, &get("/api", &extra)).await;
+        assert_eq!(r.status, 401, "case {i}: {r:?}");
+        assert_eq!(r.json()["error"], "invalid or revoked org API key");
+    }
+    // The expiring key: poll (bounded) until its expiry refuses it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    let expired_rid = loop {
+        n += 1;
+        let rid = format!("expiring-{n}");
+        let extra = format!("Authorization: Bearer {expiring}\r\nX-Request-Id: {rid}\r\n");
+        let r = raw(kg.public, &get("/api", &extra)).await;
+        if r.status == 401 {
+            break rid;
+        }
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the 1s key still works after 10s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let metrics = raw(
+        kg.admin,
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .body;
+    for (reason, want) in [
+        ("malformed", 2.0),
+        ("bad_checksum", 1.0),
+        ("unknown", 1.0),
+        ("revoked", 1.0),
+        ("expired", 1.0),
+        ("other_tenant", 0.0),
+    ] {
+        let series = format!("keygate_key_refusals_total{{reason=\"{reason}\"}}");
+        assert_eq!(sample(&metrics, &series), want, "{series}\n{metrics}");
+    }
+
+    kg.signal_term();
+    kg.exit_within(Duration::from_secs(10)).await;
+    let log = kg.output();
+    for (i, (reason, _, prefix, key_id)) in cases.iter().enumerate() {
+        let line = access_line(&log, &format!("refused-{i}"));
+        assert_eq!(line["status"], 401, "{line}");
+        assert_eq!(line["outcome"], "unauthorized", "{line}");
+        assert_eq!(line["refusal"], *reason, "case {i}: {line}");
+        assert_eq!(line["prefix"], *prefix, "case {i}: {line}");
+        match key_id {
+            Some(id) => assert_eq!(line["key_id"], *id, "case {i}: {line}"),
+            None => assert!(line["key_id"].is_null(), "case {i}: {line}"),
+        }
+    }
+    let line = access_line(&log, &expired_rid);
+    assert_eq!(line["refusal"], "expired", "{line}");
+    assert_eq!(line["prefix"], &expiring[..12], "{line}");
+    assert_eq!(line["key_id"], expiring_id.as_str(), "{line}");
+    // Never more of a token than its prefix.
+    for t in [&unknown, &typo, &revoked, &expiring] {
+        assert!(
+            !log.contains(&t[12..]),
+            "a token's secret part is in the log"
+        );
+    }
+}
+
+/// Poll `/readyz` on the admin listener until it answers `want` (bounded).
+async fn wait_readyz(admin: SocketAddr, want: u16) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = raw(
+            admin,
+            b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        if r.status == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/readyz not {want}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_line_feed_changes_once_and_key_api_bytes_in() {
+    let mut redis = common::redis::RedisServer::start();
+    let up = Upstream::start().await;
+    let mut kg = Serve::at(up.addr)
+        .store(&format!(
+            "url = \"redis://:{}@127.0.0.1:{}/0\"",
+            "", // no password: the URL form with userinfo is still redacted
+            redis.port()
+        ))
+        .rest("\n[log]\nformat = \"json\"\n")
+        .start()
+        .await;
+    let cfg = kg.config.display().to_string();
+    let o = common::bin::run(&["keys", "mint", "--config", &cfg], &[]).await;
+    assert!(o.status.success(), "{o:?}");
+    let token = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+
+    let body = r#"{"name":"counted-bytes"}"#;
+    let post = format!(
+        "POST /org/tokens HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: mint-post\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let r = raw(kg.public, post.as_bytes()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    wait_readyz(kg.admin, 200).await;
+    redis.kill();
+    wait_readyz(kg.admin, 503).await;
+    redis.restart();
+    wait_readyz(kg.admin, 200).await;
+
+    kg.signal_term();
+    kg.exit_within(Duration::from_secs(10)).await;
+    let log = kg.output();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let message = |m: &str| {
+        lines
+            .iter()
+            .filter(|v| v["message"].as_str().is_some_and(|s| s.starts_with(m)))
+            .count()
+    };
+    assert_eq!(message("revocation feed connected"), 2, "{log}");
+    assert_eq!(message("revocation feed lost"), 1, "{log}");
+
+    let start = lines
+        .iter()
+        .find(|v| v["message"] == "keygate serving")
+        .unwrap_or_else(|| panic!("no start-up line:\n{log}"));
+    assert_eq!(start["version"], env!("CARGO_PKG_VERSION"), "{start}");
+    assert_eq!(start["scheme"], "http", "{start}");
+    assert!(
+        start["protocols"].as_str().unwrap().contains("h2c"),
+        "{start}"
+    );
+    assert_eq!(start["upstream"], format!("http://{}/", up.addr), "{start}");
+    assert_eq!(
+        start["store"],
+        format!("redis redis://127.0.0.1:{}/0", redis.port()),
+        "{start}"
+    );
+    assert_eq!(start["tenant"], "acme", "{start}");
+    assert!(
+        start["hosts"]
+            .as_str()
+            .unwrap()
+            .contains("acme.moleculesai.app"),
+        "{start}"
+    );
+
+    let post_line = access_line(&log, "mint-post");
+    assert_eq!(post_line["status"], 200, "{post_line}");
+    assert_eq!(post_line["bytes_in"], body.len(), "{post_line}");
+}

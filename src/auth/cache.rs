@@ -56,6 +56,7 @@ use dashmap::DashMap;
 use tokio::sync::OnceCell;
 
 use super::principal::Principal;
+use super::refusal::Refused;
 use super::token::KeyHash;
 
 /// While the revocation feed is down, an entry checked in the current epoch
@@ -121,9 +122,9 @@ pub enum Probe {
     /// Usable entry. `touch`: `last_used_at` is due for this key.
     Hit { principal: Principal, touch: bool },
     /// The key's `expires_at` has passed (entry dropped).
-    Expired,
-    /// Recently found unknown, revoked or expired in the store.
-    Negative,
+    Expired { key_id: std::sync::Arc<str> },
+    /// Recently found unknown, revoked or expired in the store (and why).
+    Negative(Refused),
     /// Ask the store. `known`: a (stale) positive entry exists.
     Miss { known: bool },
 }
@@ -137,7 +138,7 @@ pub struct Cache {
     negative_capacity: usize,
     entries: DashMap<KeyHash, Entry>,
     size: AtomicUsize,
-    negative: DashMap<KeyHash, u64>,
+    negative: DashMap<KeyHash, (u64, Refused)>,
     last_sweep_ms: AtomicU64,
     generation: AtomicU64,
     /// `epoch << 1 | feed_live`.
@@ -205,9 +206,10 @@ impl Cache {
             let expired = now_ms.saturating_add(2) >= e.expires_ms
                 && e.expires_at.is_none_or(|t| self.clock.wall_now() >= t);
             if expired {
+                let key_id = std::sync::Arc::from(e.principal.key_id());
                 drop(e);
                 self.remove(hash);
-                return Probe::Expired;
+                return Probe::Expired { key_id };
             }
             let feed = self.feed.load(Ordering::Acquire);
             let max_age = if feed & 1 == 1 {
@@ -225,11 +227,11 @@ impl Cache {
             return Probe::Miss { known: true };
         }
         if let Some(n) = self.negative.get(hash) {
-            if now_ms < *n {
-                return Probe::Negative;
+            if now_ms < n.0 {
+                return Probe::Negative(n.1.clone());
             }
             drop(n);
-            self.negative.remove_if(hash, |_, exp| now_ms >= *exp);
+            self.negative.remove_if(hash, |_, (exp, _)| now_ms >= *exp);
         }
         Probe::Miss { known: false }
     }
@@ -304,7 +306,7 @@ impl Cache {
     }
 
     /// Remember a well-formed token the store does not accept.
-    pub fn insert_negative(&self, hash: KeyHash, now_ms: u64) {
+    pub fn insert_negative(&self, hash: KeyHash, now_ms: u64, refused: Refused) {
         if self.negative_ttl_ms == 0 || self.negative_capacity == 0 {
             return;
         }
@@ -316,14 +318,14 @@ impl Cache {
                     .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
             {
-                self.negative.retain(|_, exp| now_ms < *exp);
+                self.negative.retain(|_, (exp, _)| now_ms < *exp);
             }
             if self.negative.len() >= self.negative_capacity {
                 return;
             }
         }
         self.negative
-            .insert(hash, now_ms.saturating_add(self.negative_ttl_ms));
+            .insert(hash, (now_ms.saturating_add(self.negative_ttl_ms), refused));
     }
 
     /// A newly minted key must not stay "unknown" here.
@@ -609,7 +611,7 @@ mod tests {
         );
         assert!(is_hit(c.probe(&h(1), c.now_ms())));
         c.advance(Duration::from_secs(2));
-        assert!(matches!(c.probe(&h(1), c.now_ms()), Probe::Expired));
+        assert!(matches!(c.probe(&h(1), c.now_ms()), Probe::Expired { .. }));
         assert_eq!(c.len(), 0);
         assert!(c
             .stale(&h(1), c.now_ms(), Duration::from_secs(30))
@@ -712,17 +714,17 @@ mod tests {
         let c = Cache::new(Duration::from_secs(60), 100, Duration::from_secs(5), 3);
         let now = c.now_ms();
         for n in 0..10 {
-            c.insert_negative(h(n), now);
+            c.insert_negative(h(n), now, Refused::unknown());
         }
         assert_eq!(c.negative_len(), 3);
-        assert!(matches!(c.probe(&h(0), now), Probe::Negative));
+        assert!(matches!(c.probe(&h(0), now), Probe::Negative(_)));
         assert!(matches!(c.probe(&h(9), now), Probe::Miss { known: false }));
         c.advance(Duration::from_secs(5));
         let now = c.now_ms();
         assert!(matches!(c.probe(&h(0), now), Probe::Miss { known: false }));
         // Full of expired entries: swept, new ones fit again.
-        c.insert_negative(h(20), now);
-        assert!(matches!(c.probe(&h(20), now), Probe::Negative));
+        c.insert_negative(h(20), now, Refused::unknown());
+        assert!(matches!(c.probe(&h(20), now), Probe::Negative(_)));
         c.forget_negative(&h(20));
         assert!(matches!(c.probe(&h(20), now), Probe::Miss { known: false }));
     }

@@ -41,6 +41,7 @@ pub mod cache;
 pub mod credential;
 mod keys;
 pub mod principal;
+pub mod refusal;
 mod rotate;
 pub mod scope;
 pub mod store;
@@ -58,6 +59,7 @@ use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use cache::{Cache, Flights, Probe};
 pub use keys::{Actor, KeyService, MintError, MintRequest, Minted, OpContext};
 pub use principal::Principal;
+pub use refusal::{Refusal, Refused};
 pub use rotate::{RotateRequest, Rotated, UsageReport, MAX_GRACE};
 use store::{FeedEvent, Store, StoreError};
 use token::KeyHash;
@@ -75,10 +77,11 @@ pub const TOUCH_FLUSH_EVERY: Duration = Duration::from_secs(5);
 const MAX_PENDING_TOUCHES: usize = 100_000;
 
 /// Why a well-formed org key was not accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthError {
-    /// Unknown, revoked, expired, or another tenant's: the client gets the same 401.
-    Invalid,
+    /// Unknown, revoked, expired, or another tenant's: the client gets the
+    /// same 401; the reason and key id are for the access log and metrics.
+    Invalid(Refused),
     /// The store could not answer in time and the cache may not be used.
     StoreUnavailable,
 }
@@ -97,7 +100,7 @@ pub struct Authenticator {
 #[derive(Clone)]
 enum Fetched {
     Live(Principal),
-    Invalid,
+    Invalid(Refused),
     Unavailable,
 }
 
@@ -252,7 +255,8 @@ impl Authenticator {
                         }
                     };
                     // A store outage is not the key's end: only a clear "invalid".
-                    if recheck && matches!(inner.authenticate(hash).await, Err(AuthError::Invalid))
+                    if recheck
+                        && matches!(inner.authenticate(hash).await, Err(AuthError::Invalid(_)))
                     {
                         return;
                     }
@@ -328,14 +332,17 @@ impl Inner {
                 }
                 Ok(Ok(principal))
             }
-            Probe::Expired => {
+            Probe::Expired { key_id } => {
                 self.metrics.cache_hits.inc();
                 self.update_size();
-                Ok(Err(AuthError::Invalid))
+                Ok(Err(AuthError::Invalid(Refused {
+                    reason: Refusal::Expired,
+                    key_id: Some(key_id),
+                })))
             }
-            Probe::Negative => {
+            Probe::Negative(refused) => {
                 self.metrics.cache_hits.inc();
-                Ok(Err(AuthError::Invalid))
+                Ok(Err(AuthError::Invalid(refused)))
             }
             Probe::Miss { known } => Err(known),
         }
@@ -350,7 +357,7 @@ impl Inner {
             .await;
         match fetched {
             Fetched::Live(principal) => Ok(principal),
-            Fetched::Invalid => Err(AuthError::Invalid),
+            Fetched::Invalid(refused) => Err(AuthError::Invalid(refused)),
             Fetched::Unavailable => match self.outage {
                 OutagePolicy::Reject => Err(AuthError::StoreUnavailable),
                 OutagePolicy::ServeCached => self
@@ -391,12 +398,13 @@ impl Inner {
         let now = Utc::now();
         let record = match record {
             Some(r) if r.is_live(now) => r,
-            _ => {
+            other => {
                 if self.cache.remove(&hash) {
                     self.update_size();
                 }
-                self.cache.insert_negative(hash, at.now_ms);
-                return Fetched::Invalid;
+                let refused = other.as_ref().map_or_else(Refused::unknown, Refused::of);
+                self.cache.insert_negative(hash, at.now_ms, refused.clone());
+                return Fetched::Invalid(refused);
             }
         };
         let principal = Principal::of(hash, &record);
@@ -434,15 +442,12 @@ impl Inner {
         match event {
             FeedEvent::Revoked(hash) => self.apply_revocation(&hash),
             FeedEvent::Changed(hash) => self.apply_expiry_change(&hash),
+            // The store logs the feed's changes (once, with its address).
             FeedEvent::Lost => {
-                if self.cache.feed_live() {
-                    tracing::warn!("revocation feed lost: cached keys are re-checked");
-                }
                 self.cache.feed_lost();
                 let _ = self.events.send(KeyEvent::Recheck);
             }
             FeedEvent::Connected => {
-                tracing::info!("revocation feed connected");
                 self.cache.feed_connected();
                 let _ = self.events.send(KeyEvent::Recheck);
             }
@@ -556,6 +561,13 @@ mod tests {
         Config::new("acme", http::Uri::from_static("http://127.0.0.1:9"))
     }
 
+    fn refused(reason: Refusal, key_id: &str) -> AuthError {
+        AuthError::Invalid(Refused {
+            reason,
+            key_id: Some(Arc::from(key_id)),
+        })
+    }
+
     fn ctx() -> OpContext {
         OpContext {
             actor: Actor("cli:test".into()),
@@ -649,13 +661,13 @@ mod tests {
         let unknown = token::mint("mok_");
         for _ in 0..5 {
             let r = auth.authenticate(unknown.expose()).await;
-            assert_eq!(r.unwrap_err(), AuthError::Invalid);
+            assert_eq!(r.unwrap_err(), AuthError::Invalid(Refused::unknown()));
         }
         assert_eq!(lookups(&m), 1);
         inner(&auth).cache.advance(config.auth.negative_ttl);
         assert_eq!(
             auth.authenticate(unknown.expose()).await.unwrap_err(),
-            AuthError::Invalid
+            AuthError::Invalid(Refused::unknown())
         );
         assert_eq!(lookups(&m), 2);
     }
@@ -690,7 +702,7 @@ mod tests {
         assert!(auth.keys().revoke(&k.record.id, &ctx()).await.unwrap());
         assert_eq!(
             auth.authenticate(k.token.expose()).await.unwrap_err(),
-            AuthError::Invalid
+            refused(Refusal::Revoked, &k.record.id)
         );
         assert!(auth.authenticate(other.token.expose()).await.is_ok());
         assert!(!auth.keys().revoke(&k.record.id, &ctx()).await.unwrap());
@@ -734,7 +746,7 @@ mod tests {
         .await;
         assert_eq!(
             b.authenticate(k.token.expose()).await.unwrap_err(),
-            AuthError::Invalid
+            refused(Refusal::Revoked, &k.record.id)
         );
     }
 
@@ -796,13 +808,13 @@ mod tests {
         inner(&auth).cache.advance(Duration::from_secs(2));
         assert_eq!(
             auth.authenticate(k.token.expose()).await.unwrap_err(),
-            AuthError::Invalid
+            refused(Refusal::Expired, &k.record.id)
         );
         assert_eq!(m.cache_size.get(), 0);
         let old = mint(&auth, Some(Utc::now() - TimeDelta::seconds(1))).await;
         assert_eq!(
             auth.authenticate(old.token.expose()).await.unwrap_err(),
-            AuthError::Invalid
+            refused(Refusal::Expired, &old.record.id)
         );
     }
 

@@ -15,6 +15,8 @@ use rand::distr::Alphanumeric;
 use rand::Rng;
 use sha2::{Digest, Sha256};
 
+use super::refusal::Refusal;
+
 /// Random characters after the prefix: 43 × log2(62) ≈ 256.03 bits.
 pub const RANDOM_LEN: usize = 43;
 /// Checksum characters: 62^6 ≈ 5.7e10 > 2^32, so every CRC32 value fits.
@@ -147,15 +149,26 @@ fn checksum(body: &[u8]) -> [u8; CHECKSUM_LEN] {
 /// exactly [`RANDOM_LEN`] + [`CHECKSUM_LEN`] letters and digits after it, and
 /// a matching checksum. A `false` needs no store look-up: the key cannot exist.
 pub fn check_format(token: &str, prefix: &str) -> bool {
+    check(token, prefix).is_ok()
+}
+
+/// [`check_format`] with the reason for a `false`: the wrong prefix, length
+/// or characters is [`Refusal::Malformed`], a checksum that does not match
+/// is [`Refusal::BadChecksum`].
+pub fn check(token: &str, prefix: &str) -> Result<(), Refusal> {
     let b = token.as_bytes();
     if b.len() != prefix.len() + RANDOM_LEN + CHECKSUM_LEN || !b.starts_with(prefix.as_bytes()) {
-        return false;
+        return Err(Refusal::Malformed);
     }
     let (body, sum) = b.split_at(prefix.len() + RANDOM_LEN);
     if !b[prefix.len()..].iter().all(u8::is_ascii_alphanumeric) {
-        return false;
+        return Err(Refusal::Malformed);
     }
-    checksum(body) == *sum
+    if checksum(body) == *sum {
+        Ok(())
+    } else {
+        Err(Refusal::BadChecksum)
+    }
 }
 
 /// SHA-256 of the token (what the store and the cache key on).
@@ -200,6 +213,32 @@ mod tests {
             assert!(s[P.len()..].bytes().all(|b| b.is_ascii_alphanumeric()));
             assert!(check_format(s, P), "{s}");
         }
+    }
+
+    #[test]
+    fn check_names_the_reason() {
+        let good = mint(P);
+        let g = good.expose();
+        assert_eq!(check(g, P), Ok(()));
+        assert_eq!(check(&g[..g.len() - 1], P), Err(Refusal::Malformed));
+        assert_eq!(check(&format!("{g}x"), P), Err(Refusal::Malformed));
+        assert_eq!(
+            check(&g.replacen("mok_", "mak_", 1), P),
+            Err(Refusal::Malformed)
+        );
+        assert_eq!(
+            check(&format!("{}-{}", &g[..10], &g[11..]), P),
+            Err(Refusal::Malformed)
+        );
+        // One character of the random part changed: same shape, wrong sum.
+        let mut typo = g.as_bytes().to_vec();
+        typo[P.len() + 3] = if typo[P.len() + 3] == b'a' {
+            b'b'
+        } else {
+            b'a'
+        };
+        let typo = String::from_utf8(typo).unwrap();
+        assert_eq!(check(&typo, P), Err(Refusal::BadChecksum));
     }
 
     #[test]

@@ -143,7 +143,7 @@ pub fn check(parts: &Parts, served: &[String]) -> Result<HeaderValue, Rejection>
     let value = if is_h2(parts.version) {
         match (parts.uri.authority(), first) {
             (Some(a), Some(h)) if !eq_host(a.as_str().as_bytes(), h.as_bytes()) => {
-                return Err(Rejection::BadHost)
+                return Err(Rejection::AuthorityMismatch)
             }
             (Some(a), _) => {
                 HeaderValue::from_str(a.as_str()).map_err(|_| Rejection::Misdirected)?
@@ -474,12 +474,20 @@ mod tests {
         );
         t!("/x", ["acme.moleculesai.app"], Ok("acme.moleculesai.app"));
         t!("/x", NONE, BadHost);
-        t!("https://acme.moleculesai.app/x", ["evil.com"], BadHost);
-        t!("https://evil.com/x", ["acme.moleculesai.app"], BadHost);
+        t!(
+            "https://acme.moleculesai.app/x",
+            ["evil.com"],
+            AuthorityMismatch
+        );
+        t!(
+            "https://evil.com/x",
+            ["acme.moleculesai.app"],
+            AuthorityMismatch
+        );
         t!(
             "https://acme.moleculesai.app/x",
             ["acme.moleculesai.app.."],
-            BadHost
+            AuthorityMismatch
         );
         t!(
             "https://acme.moleculesai.app/x",

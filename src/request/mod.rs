@@ -456,11 +456,11 @@ mod tests {
         t!(h2("/x"), BadHost);
         t!(
             h2("https://acme.moleculesai.app/x").h("host", "evil.com"),
-            BadHost
+            AuthorityMismatch
         );
         t!(
             h2("https://evil.com/x").h("host", "acme.moleculesai.app"),
-            BadHost
+            AuthorityMismatch
         );
         t!(h2("https://evil.com/x"), Misdirected);
         t!(

@@ -288,8 +288,30 @@ impl RedisStore {
 
     /// An error text naming the cause, never a password or URL.
     pub(super) fn describe(&self, e: &RedisError) -> StoreError {
+        self.describe_with(e, None)
+    }
+
+    /// [`Self::describe`]; `auth_reply` is Redis's own answer to AUTH when
+    /// [`Self::auth_reply`] could learn it (redis-rs drops it).
+    fn describe_with(&self, e: &RedisError, auth_reply: Option<String>) -> StoreError {
         let mut cause = if e.is_connection_refusal() {
             "connection refused".to_string()
+        } else if e.kind() == rds::ErrorKind::AuthenticationFailed {
+            match auth_reply {
+                Some(reply) => format!("refused the password ({reply})"),
+                None => "refused the password".to_string(),
+            }
+        } else if let Some(code) = e.code() {
+            // A server error: Redis's own reply, e.g. `NOAUTH Authentication required.`
+            let reply = match e.detail() {
+                Some(detail) => format!("{code} {detail}"),
+                None => code.to_string(),
+            };
+            if code == "NOAUTH" {
+                format!("wants a password, store.url has none ({reply})")
+            } else {
+                format!("answered {reply}")
+            }
         } else {
             let text = e.to_string();
             let text = match text.find(" (os error") {
@@ -326,13 +348,57 @@ impl RedisStore {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.forget_connection(Some(&e)).await;
-                Err(self.describe(&e))
+                let reply = if e.kind() == rds::ErrorKind::AuthenticationFailed {
+                    tokio::time::timeout(self.timeout, self.auth_reply())
+                        .await
+                        .ok()
+                        .flatten()
+                } else {
+                    None
+                };
+                Err(self.describe_with(&e, reply))
             }
             Err(_) => {
                 self.forget_connection(None).await;
                 Err(StoreError::Timeout(self.timeout))
             }
         }
+    }
+
+    /// Redis's own answer to the configured AUTH (`WRONGPASS invalid
+    /// username-password pair or user is disabled.`), asked on a connection
+    /// without credentials: redis-rs reports a refused AUTH without it.
+    /// Standalone only; the reply never contains the password.
+    async fn auth_reply(&self) -> Option<String> {
+        let Target::Standalone { client, .. } = &self.target else {
+            return None;
+        };
+        let info = client.get_connection_info();
+        let settings = info.redis_settings();
+        let password = settings.password()?.to_string();
+        let mut auth = rds::cmd("AUTH");
+        if let Some(user) = settings.username() {
+            auth.arg(user);
+        }
+        auth.arg(password);
+        let bare = info
+            .clone()
+            .set_redis_settings(rds::RedisConnectionInfo::default());
+        let mut conn = rds::Client::open(bare)
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()?;
+        let e = auth.query_async::<Value>(&mut conn).await.err()?;
+        let code = e.code()?;
+        let mut reply = match e.detail() {
+            Some(detail) => format!("{code} {detail}"),
+            None => code.to_string(),
+        };
+        for s in &self.secrets {
+            reply = reply.replace(s.as_str(), "[redacted]");
+        }
+        Some(reply)
     }
 
     /// Run a script call (see [`LuaCall::invoke`]), bounded like any call.

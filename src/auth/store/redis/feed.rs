@@ -72,7 +72,7 @@ impl RedisStore {
                     match self.pump(sub, &events).await {
                         FeedEnd::Closed => return,
                         FeedEnd::Lost(why) => {
-                            tracing::warn!(redis = %self.location, reason = %why, "revocation feed lost");
+                            tracing::warn!(redis = %self.location, reason = %why, "revocation feed lost: cached keys are re-checked");
                             // The master may be gone (Sentinel failover): drop the
                             // command connection too, so the next call asks the
                             // sentinels instead of failing once on a dead master.
