@@ -18,6 +18,8 @@
 //! allocates nothing here.
 
 pub mod host;
+#[cfg(test)]
+mod norms;
 pub mod path;
 pub mod scope;
 pub mod target;

@@ -321,6 +321,7 @@ mod tests {
 
     mod props {
         use super::*;
+        use crate::request::norms::{decode_all, Norm};
         use proptest::prelude::*;
 
         /// Pieces an attacker would combine around a workspace path.
@@ -419,118 +420,6 @@ mod tests {
             prop_oneof![3 => workspace_path(), 1 => free_path()]
         }
 
-        fn decode_once(p: &[u8]) -> Vec<u8> {
-            let mut out = Vec::with_capacity(p.len());
-            let mut i = 0;
-            while i < p.len() {
-                if p[i] == b'%' {
-                    if let (Some(h), Some(l)) = (
-                        p.get(i + 1).copied().and_then(hex),
-                        p.get(i + 2).copied().and_then(hex),
-                    ) {
-                        out.push(h << 4 | l);
-                        i += 3;
-                        continue;
-                    }
-                }
-                out.push(p[i]);
-                i += 1;
-            }
-            out
-        }
-
-        fn decode_all(p: &[u8]) -> Vec<u8> {
-            let mut cur = p.to_vec();
-            for _ in 0..8 {
-                let next = decode_once(&cur);
-                if next == cur {
-                    break;
-                }
-                cur = next;
-            }
-            cur
-        }
-
-        /// RFC 3986 §5.2.4 dot-segment removal (on bytes).
-        fn remove_dots(p: &[u8]) -> Vec<u8> {
-            let mut input: &[u8] = p;
-            let mut out: Vec<u8> = Vec::new();
-            let pop = |out: &mut Vec<u8>| {
-                let cut = out.iter().rposition(|&c| c == b'/').unwrap_or(0);
-                out.truncate(cut);
-            };
-            while !input.is_empty() {
-                if let Some(r) = input.strip_prefix(b"../") {
-                    input = r;
-                } else if let Some(r) = input.strip_prefix(b"./") {
-                    input = r;
-                } else if input.starts_with(b"/./") {
-                    input = &input[2..];
-                } else if input == b"/." {
-                    input = b"/";
-                } else if input.starts_with(b"/../") {
-                    input = &input[3..];
-                    pop(&mut out);
-                } else if input == b"/.." {
-                    input = b"/";
-                    pop(&mut out);
-                } else if input == b"." || input == b".." {
-                    input = b"";
-                } else {
-                    let start = usize::from(input[0] == b'/');
-                    let end = input[start..]
-                        .iter()
-                        .position(|&c| c == b'/')
-                        .map_or(input.len(), |e| e + start);
-                    out.extend_from_slice(&input[..end]);
-                    input = &input[end..];
-                }
-            }
-            out
-        }
-
-        fn merge_slashes(p: &[u8]) -> Vec<u8> {
-            let mut out = Vec::with_capacity(p.len());
-            for &c in p {
-                if !(c == b'/' && out.last() == Some(&b'/')) {
-                    out.push(c);
-                }
-            }
-            out
-        }
-
-        fn strip_params(p: &[u8]) -> Vec<u8> {
-            let mut out = Vec::with_capacity(p.len());
-            let mut skipping = false;
-            for &c in p {
-                if c == b'/' {
-                    skipping = false;
-                } else if c == b';' {
-                    skipping = true;
-                }
-                if !skipping {
-                    out.push(c);
-                }
-            }
-            out
-        }
-
-        /// The normalisations back-ends apply (those of the path proptest).
-        type Norm = fn(&[u8]) -> Vec<u8>;
-        const NORMS: &[Norm] = &[
-            decode_once,
-            decode_all,
-            remove_dots,
-            merge_slashes,
-            |p| {
-                p.iter()
-                    .map(|&c| if c == b'\\' { b'/' } else { c })
-                    .collect()
-            },
-            strip_params,
-            <[u8]>::to_ascii_lowercase,
-        ];
-
         /// Where a back-end that reads `p` (after its own normalisation)
         /// lands: inside workspace `ws_a`, i.e. `/workspaces/` (any case: a
         /// case-sensitive back-end just answers 404 elsewhere) then exactly
@@ -557,19 +446,19 @@ mod tests {
             #[test]
             fn a_bound_key_never_leaves_its_workspace(
                 p in path(),
-                seq in prop::collection::vec(0..NORMS.len(), 1..6),
+                seq in prop::collection::vec(0..Norm::ALL.len(), 1..6),
             ) {
                 let admitted = super::super::super::path::check(&p, &["/cp/admin"]).is_ok();
                 let w = ws(&["ws_a"]);
                 if admitted && check(&rules(), Role::Admin, &w, &Method::GET, &p).is_ok() {
                     prop_assert!(lands_in_ws_a(p.as_bytes()), "{p:?} as received");
-                    for n in NORMS {
-                        let once = n(p.as_bytes());
+                    for n in Norm::ALL {
+                        let once = n.apply(p.as_bytes());
                         prop_assert!(lands_in_ws_a(&once), "{p:?} -> {:?}", String::from_utf8_lossy(&once));
                     }
                     let mut cur = p.as_bytes().to_vec();
                     for &i in &seq {
-                        cur = NORMS[i](&cur);
+                        cur = Norm::ALL[i].apply(&cur);
                         prop_assert!(lands_in_ws_a(&cur), "{p:?} --{seq:?}--> {:?}", String::from_utf8_lossy(&cur));
                     }
                 }
