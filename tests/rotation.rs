@@ -36,8 +36,12 @@ async fn rotate(kg: &RunHandle, token: &str, id: &str, body: Option<&str>) -> Ra
     .await
 }
 
+/// The status of a GET inside workspace `ws_1`: a path every key of these
+/// tests may reach (the bound ones are bound to `ws_1`, §8).
 async fn status(kg: &RunHandle, token: &str) -> u16 {
-    get_with(kg.public_addr, "/app", token).await.status
+    get_with(kg.public_addr, "/workspaces/ws_1/app", token)
+        .await
+        .status
 }
 
 /// Poll (5 ms) until `token` gets `want` on `kg`; the time it took.
@@ -106,7 +110,7 @@ async fn successor_at_once_old_key_until_grace_end_on_both_instances() {
     assert_eq!(status(&a, &new_token).await, 200);
     assert_eq!(status(&b, &new_token).await, 200);
     for kg in [&a, &b] {
-        let r = get_with(kg.public_addr, "/app", &old.token).await;
+        let r = get_with(kg.public_addr, "/workspaces/ws_1/app", &old.token).await;
         if Utc::now() < old_end {
             assert_eq!(r.status, 200);
             assert_eq!(
