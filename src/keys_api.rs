@@ -159,12 +159,19 @@ tokio::task_local! {
 }
 
 async fn read_mint_request(body: Incoming) -> Result<MintRequest, Rejection> {
-    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+    let bytes = read_body(body).await?;
+    parse_mint_request(&bytes, Utc::now())
+}
+
+/// A key-API request body, at most [`MAX_BODY`] bytes, counted as the
+/// access line's `bytes_in`.
+pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, Rejection> {
+    match Limited::new(body, MAX_BODY).collect().await {
         Ok(c) => {
             let bytes = c.to_bytes();
             let _ = BYTES_IN
                 .try_with(|n| n.store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed));
-            bytes
+            Ok(bytes)
         }
         Err(err) => {
             if err
@@ -173,10 +180,9 @@ async fn read_mint_request(body: Incoming) -> Result<MintRequest, Rejection> {
             {
                 return Err(Rejection::PayloadTooLarge);
             }
-            return Err(Rejection::BadRequest("bad request: unreadable body"));
+            Err(Rejection::BadRequest("bad request: unreadable body"))
         }
-    };
-    parse_mint_request(&bytes, Utc::now())
+    }
 }
 
 /// `{"name", "expires_at", "role", "workspaces", "rate_limit"}`, all
@@ -336,7 +342,7 @@ pub fn minted_json(m: &Minted) -> Value {
     })
 }
 
-fn ok_json(v: &Value, request_id: &HeaderValue) -> Response<ProxyBody> {
+pub(crate) fn ok_json(v: &Value, request_id: &HeaderValue) -> Response<ProxyBody> {
     let body = serde_json::to_vec(v).unwrap_or_default();
     json_response(StatusCode::OK, Bytes::from(body), request_id)
 }

@@ -2,12 +2,10 @@
 //! `GET /org/tokens/{id}/usage[?since=]` (§10), called from
 //! [`crate::keys_api::handle`] once the caller is known.
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::header::HeaderValue;
 use http::request::Parts;
-use http::{Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http::Response;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
@@ -17,8 +15,8 @@ use crate::auth::store::UsageHour;
 use crate::auth::usage::hour_start;
 use crate::auth::{OpContext, Principal, RotateRequest, Rotated, UsageReport, MAX_GRACE};
 use crate::error::Rejection;
-use crate::exchange::{json_response, ProxyBody};
-use crate::keys_api::{minted_json, rfc3339, MAX_BODY};
+use crate::exchange::ProxyBody;
+use crate::keys_api::{minted_json, ok_json, read_body, rfc3339};
 
 /// §8: a key may act on itself; an unbound admin key on any key; sessions on all.
 fn allowed(caller: Option<&Principal>, id: &str) -> Result<(), Rejection> {
@@ -184,26 +182,6 @@ fn percent_decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
-}
-
-async fn read_body(body: Incoming) -> Result<Bytes, Rejection> {
-    match Limited::new(body, MAX_BODY).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(err) => {
-            if err
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return Err(Rejection::PayloadTooLarge);
-            }
-            Err(Rejection::BadRequest("bad request: unreadable body"))
-        }
-    }
-}
-
-fn ok_json(v: &Value, request_id: &HeaderValue) -> Response<ProxyBody> {
-    let body = serde_json::to_vec(v).unwrap_or_default();
-    json_response(StatusCode::OK, Bytes::from(body), request_id)
 }
 
 #[cfg(test)]

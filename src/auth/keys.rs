@@ -56,6 +56,26 @@ pub struct OpContext {
     pub user_agent: Option<String>,
 }
 
+impl OpContext {
+    /// The audit entry of `action` on `record` by this actor (no scope, no
+    /// successor: mint and rotate add theirs).
+    pub(super) fn audit(&self, at: DateTime<Utc>, action: &str, record: &KeyRecord) -> AuditEntry {
+        AuditEntry {
+            time: at,
+            actor: self.actor.0.clone(),
+            action: action.into(),
+            key_id: record.id.clone(),
+            prefix: record.prefix.clone(),
+            name: record.name.clone(),
+            client: self.client.clone(),
+            user_agent: self.user_agent.clone(),
+            role: None,
+            workspaces: Vec::new(),
+            new_key_id: None,
+        }
+    }
+}
+
 /// A validated mint: every field checked by the caller (API body or CLI
 /// flags); whether the caller may mint this scope is the caller's check too.
 #[derive(Debug, Clone, Default)]
@@ -129,17 +149,9 @@ impl KeyService {
             rate_limit: req.rate_limit.or(inner.default_rate_limit),
         };
         let audit = AuditEntry {
-            time: now,
-            actor: ctx.actor.0.clone(),
-            action: "mint".into(),
-            key_id: record.id.clone(),
-            prefix: record.prefix.clone(),
-            name: record.name.clone(),
-            client: ctx.client.clone(),
-            user_agent: ctx.user_agent.clone(),
             role: Some(record.role),
             workspaces: record.workspaces.clone(),
-            new_key_id: None,
+            ..ctx.audit(now, "mint", &record)
         };
         let ceiling = req.enforce_ceiling.then_some(inner.max_live);
         let outcome = inner
@@ -169,25 +181,14 @@ impl KeyService {
     /// refused by this instance (cache entry dropped, generation bumped).
     pub async fn revoke(&self, id: &str, ctx: &OpContext) -> Result<bool, StoreError> {
         let inner = &self.inner;
-        // The audit entry names the key's prefix and name: read them first.
-        let live = inner.timed("list", inner.store.list_live()).await?;
-        let Some(record) = live.into_iter().find(|r| r.id == id) else {
-            return Ok(false);
-        };
+        // The audit entry names the key's prefix and name: read them first
+        // (the one record, not the whole live list).
         let at = Utc::now();
-        let audit = AuditEntry {
-            time: at,
-            actor: ctx.actor.0.clone(),
-            action: "revoke".into(),
-            key_id: record.id,
-            prefix: record.prefix,
-            name: record.name,
-            client: ctx.client.clone(),
-            user_agent: ctx.user_agent.clone(),
-            role: None,
-            workspaces: Vec::new(),
-            new_key_id: None,
+        let record = match inner.timed("lookup", inner.store.lookup_id(id)).await? {
+            Some(key) if key.record.is_live(at) => key.record,
+            _ => return Ok(false),
         };
+        let audit = ctx.audit(at, "revoke", &record);
         match inner
             .timed("revoke", inner.store.revoke(id, at, &audit))
             .await?

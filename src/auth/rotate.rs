@@ -107,17 +107,10 @@ impl KeyService {
             rate_limit: old.record.rate_limit,
         };
         let audit = AuditEntry {
-            time: now,
-            actor: ctx.actor.0.clone(),
-            action: "rotate".into(),
-            key_id: old.record.id.clone(),
-            prefix: old.record.prefix.clone(),
-            name: old.record.name.clone(),
-            client: ctx.client.clone(),
-            user_agent: ctx.user_agent.clone(),
             role: Some(record.role),
             workspaces: record.workspaces.clone(),
             new_key_id: Some(record.id.clone()),
+            ..ctx.audit(now, "rotate", &old.record)
         };
         let op = RotateOp {
             old_id: id,
