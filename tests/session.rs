@@ -112,17 +112,7 @@ async fn a_verified_session_lists_mints_and_revokes() {
         .keys()
         .map(|k| k.as_str())
         .collect();
-    assert_eq!(
-        fields,
-        BTreeSet::from([
-            "id",
-            "prefix",
-            "name",
-            "expires_at",
-            "auth_token",
-            "warning"
-        ])
-    );
+    assert_eq!(fields, BTreeSet::from(keys::MINT_FIELDS));
     let id = minted["id"].as_str().unwrap().to_string();
     let token = minted["auth_token"].as_str().unwrap().to_string();
     // The verdict was cached: no second call.
