@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::app::App;
 use crate::auth::scope::{check_workspaces, key_call_allowed, KeyCall, Role};
 use crate::auth::store::KeyRecord;
-use crate::auth::{Actor, MintError, MintRequest, Minted, OpContext};
+use crate::auth::{Actor, MintError, MintRequest, Minted, OpContext, Principal};
 use crate::config::RateLimit;
 use crate::error::Rejection;
 use crate::exchange::{json_response, ConnInfo, ProxyBody};
@@ -113,6 +113,30 @@ pub async fn handle(
         }
         (KeysRoute::Unknown, _) => Err(Rejection::NotFound),
     }
+}
+
+/// The §8 rule as far as the route and method decide it, for step 4¾: a
+/// key-management call the key may not make is refused before the key's
+/// rate limit (§11), so it never consumes budget. `handle` checks again,
+/// with the body (a mint's workspaces); a method the route does not answer
+/// is left to `handle`'s 405.
+pub fn key_may_call(p: &Principal, route: &KeysRoute, method: &Method) -> Result<(), Rejection> {
+    let call = match (route, method) {
+        (KeysRoute::Collection, &Method::GET) => KeyCall::List,
+        // Whether this key may mint at all; the subset rule needs the body.
+        (KeysRoute::Collection, &Method::POST) => {
+            return (p.role() == Role::Admin)
+                .then_some(())
+                .ok_or(Rejection::OutOfScope)
+        }
+        (KeysRoute::Item(id), &Method::DELETE)
+        | (KeysRoute::Rotate(id), &Method::POST)
+        | (KeysRoute::Usage(id), &Method::GET) => KeyCall::OnKey { id },
+        _ => return Ok(()),
+    };
+    key_call_allowed(p.role(), p.workspaces(), p.key_id(), call)
+        .then_some(())
+        .ok_or(Rejection::OutOfScope)
 }
 
 /// The `Allow` header of a route's 405: the methods [`handle`] answers there.

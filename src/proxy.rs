@@ -307,16 +307,20 @@ async fn decide(
         },
     };
 
-    // Step 4½: the key's scope (§8), for requests bound for the app. The
-    // key-management calls follow their own rule, in the keys API.
-    if let (Identity::OrgKey(principal), None) = (&identity, &admitted.keys_route) {
-        crate::request::scope::check(
-            &app.config.scopes,
-            principal.role(),
-            principal.workspaces(),
-            &parts.method,
-            parts.uri.path(),
-        )?;
+    // Step 4½: the key's scope (§8). Requests bound for the app by role and
+    // binding; key-management calls by their own rule, as far as the route
+    // and method decide it (the keys API checks a mint's body itself).
+    if let Identity::OrgKey(principal) = &identity {
+        match &admitted.keys_route {
+            None => crate::request::scope::check(
+                &app.config.scopes,
+                principal.role(),
+                principal.workspaces(),
+                &parts.method,
+                parts.uri.path(),
+            )?,
+            Some(route) => keys_api::key_may_call(principal, route, &parts.method)?,
+        }
     }
 
     // Step 4¾ (§11): the key's rate limit, after the scope check; requests

@@ -8,12 +8,13 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::keys::{get_with, mint};
+use common::keys::{bearer, get_with, mint, send};
 use common::kg::{self, Key};
-use common::redis::{redis_cli, RedisServer};
+use common::redis::{redis_cli, RedisCluster, RedisServer};
 use common::upstream::Upstream;
+use keygate::auth::scope::Role;
 use keygate::auth::MintRequest;
-use keygate::config::{OutagePolicy, RateLimit};
+use keygate::config::{OutagePolicy, RateLimit, RedisTarget, Secret, StoreBackend};
 use keygate::RunHandle;
 
 fn now_ms() -> u64 {
@@ -271,6 +272,77 @@ async fn requests_refused_before_the_limit_never_consume_it() {
     kg.stop().await;
 }
 
+/// §11 "the scope check comes first": a reader's writes, and key-management
+/// calls its scope does not allow (another key's revoke, rotate and usage; a
+/// mint), are refused 403 before the limit and leave its budget whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_scope_requests_never_consume_the_limit() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
+    let addr = kg.public_addr;
+    let other = kg::mint_key(&kg, Some("other")).await;
+    let bound = kg::mint_request(
+        &kg,
+        MintRequest {
+            name: Some("bound reader".into()),
+            role: Role::Reader,
+            workspaces: vec!["ws_1".into()],
+            rate_limit: Some(RateLimit::parse("2/h").unwrap()),
+            ..Default::default()
+        },
+    )
+    .await;
+    align(3_600_000, 3_600_000, 60_000).await;
+    let auth = bearer(&bound.token);
+    let refused: [(&str, String, Option<&str>); 7] = [
+        ("POST", "/workspaces/ws_1/x".into(), Some("{}")),
+        ("DELETE", "/workspaces/ws_1".into(), None),
+        ("GET", "/workspaces/ws_2/x".into(), None),
+        ("GET", "/org/tokens".into(), None),
+        ("POST", "/org/tokens".into(), Some(r#"{"role":"reader"}"#)),
+        ("DELETE", format!("/org/tokens/{}", other.id), None),
+        (
+            "POST",
+            format!("/org/tokens/{}/rotate", other.id),
+            Some("{}"),
+        ),
+    ];
+    for (method, target, body) in &refused {
+        for _ in 0..2 {
+            let r = send(addr, method, target, &[("Authorization", &auth)], *body).await;
+            assert_eq!(r.status, 403, "{method} {target}: {r:?}");
+            assert_eq!(r.error(), "forbidden: outside this key's scope");
+        }
+    }
+    let r = get_with(
+        addr,
+        &format!("/org/tokens/{}/usage", other.id),
+        &bound.token,
+    )
+    .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(up.count(), 0, "nothing out of scope was forwarded");
+    // The whole budget is still there: two requests in scope, then the 429.
+    for i in 0..2 {
+        let r = get_with(addr, "/workspaces/ws_1/x", &bound.token).await;
+        assert_eq!(r.status, 200, "request {i}: {r:?}");
+        assert_eq!(r.header("ratelimit-remaining"), Some((1 - i).to_string()));
+    }
+    let r = get_with(addr, "/workspaces/ws_1/x", &bound.token).await;
+    assert_eq!(r.status, 429, "{r:?}");
+    // A key-management call in scope (its own usage) is behind the limit.
+    let r = get_with(
+        addr,
+        &format!("/org/tokens/{}/usage", bound.id),
+        &bound.token,
+    )
+    .await;
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(up.wait_for(2).await.len(), 2);
+    kg.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_rate_limit_applies_at_mint() {
     let redis = RedisServer::start();
@@ -364,4 +436,77 @@ async fn redis_killed_mid_window_local_limits_hold_and_recover() {
     assert_eq!(get_with(addr, "/api/x", &fresh.token).await.status, 429);
     assert_eq!(counter(&redis, &fresh.id, start / 1000), "1");
     kg.stop().await;
+}
+
+/// §11 on a Redis Cluster: two keygates hold one limit together, and the
+/// window counters live in the tenant's hash slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_two_keygates_hold_one_limit_in_the_tenant_slot() {
+    let cluster = tokio::task::block_in_place(|| RedisCluster::start(3));
+    let up = Upstream::start().await;
+    let mut c = kg::config(up.url());
+    c.store.backend = StoreBackend::Redis(RedisTarget::Cluster(
+        cluster
+            .urls()
+            .into_iter()
+            .take(2)
+            .map(Secret::new)
+            .collect(),
+    ));
+    c.store.timeout = Duration::from_secs(2);
+    let a = kg::start_live(&c).await;
+    let b = kg::start_live(&c).await;
+    let key = limited_key(&a, "30/h").await;
+    let start = align(3_600_000, 3_600_000, 60_000).await;
+    let addrs = [a.public_addr, b.public_addr];
+    let mut tasks = Vec::new();
+    for t in 0..6 {
+        let token = key.token.clone();
+        let addr = addrs[t % 2];
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0, 0);
+            for _ in 0..10 {
+                let r = get_with(addr, "/api/x", &token).await;
+                match r.status {
+                    200 => ok += 1,
+                    429 => refused += 1,
+                    other => panic!("unexpected {other}: {r:?}"),
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (o, r) = t.await.unwrap();
+        ok += o;
+        refused += r;
+    }
+    assert!(now_ms() < start + 3_600_000, "the drive left the window");
+    println!("cluster, two instances, 30/h, 60 requests: {ok} let through, {refused} refused");
+    // N plus 5% of N rounded up, at most.
+    assert!(ok <= 32, "{ok} let through in one window");
+    assert!(ok >= 20, "only {ok} of 30 let through");
+    assert_eq!(ok + refused, 60);
+    assert_eq!(up.wait_for(ok).await.len(), ok);
+    // The window's counter: in the tenant's slot, never more than N.
+    let counter = format!("keygate:{{acme}}:rl:{}:{}", key.id, start / 1000);
+    let slot = cluster.keyslot("keygate:{acme}:live");
+    assert_eq!(cluster.keyslot(&counter), slot);
+    let reserved: Vec<u64> = cluster
+        .live_ports()
+        .into_iter()
+        .filter_map(|p| redis_cli(p, &["GET", &counter]).trim().parse().ok())
+        .collect();
+    assert_eq!(
+        reserved.len(),
+        1,
+        "one master holds {counter}: {reserved:?}"
+    );
+    assert!(
+        reserved[0] <= 30 && reserved[0] >= ok as u64,
+        "reserved {reserved:?}"
+    );
+    a.stop().await;
+    b.stop().await;
 }
