@@ -103,6 +103,57 @@ async fn revoking_a_key_closes_its_tunnels_here_and_on_every_instance() {
     b.stop().await;
 }
 
+/// A rotation shortens the old key's expiry to now + grace (§9): its open
+/// tunnels, here and on another instance, end at that new expiry, not at
+/// the one they opened with (here: never).
+#[tokio::test]
+async fn a_rotation_moves_the_end_of_the_old_keys_tunnels() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let c = kg::redis_config(&up, &redis);
+    let a = kg::start_live(&c).await;
+    let b = kg::start_live(&c).await;
+    let key = kg::mint_key(&a, Some("rotated")).await;
+    let other = kg::mint_key(&a, Some("bystander")).await;
+    let mut on_a = open_tunnel(a.public_addr, &bearer(&key.token)).await;
+    let mut on_b = open_tunnel(b.public_addr, &bearer(&key.token)).await;
+    let mut bystander = open_tunnel(b.public_addr, &bearer(&other.token)).await;
+    let grace = Duration::from_millis(1500);
+    let rotated_at = Instant::now();
+    a.app
+        .auth
+        .keys()
+        .rotate(
+            &key.id,
+            keygate::auth::RotateRequest {
+                grace: Some(grace),
+                expires_at: None,
+            },
+            &kg::op_ctx(),
+        )
+        .await
+        .expect("rotate");
+    closed_within(&mut on_a, Duration::from_secs(10)).await;
+    closed_within(&mut on_b, Duration::from_secs(10)).await;
+    // Not before the grace (the key is valid until then); 50 ms of slack
+    // for the expiry's whole-millisecond rounding in the store.
+    assert!(
+        rotated_at.elapsed() + Duration::from_millis(50) >= grace,
+        "closed {:?} after the rotation, before the grace",
+        rotated_at.elapsed()
+    );
+    bystander.write_all(b"still").await.unwrap();
+    let mut got = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), bystander.read_exact(&mut got))
+        .await
+        .expect("echo")
+        .unwrap();
+    assert_eq!(&got, b"still");
+    drop(bystander);
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn a_tunnel_closes_when_its_key_expires() {
     let up = Upstream::start().await;

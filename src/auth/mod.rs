@@ -225,46 +225,49 @@ impl Authenticator {
 
     /// Resolves when the key behind `principal` stops being valid: revoked
     /// (here or, through the feed, on any keygate sharing the store — the
-    /// same bound as a request), or past its `expires_at`. A lost or
+    /// same bound as a request), or past its `expires_at` (the record's
+    /// current one: a rotation that shortens it moves the deadline). A lost or
     /// reconnected feed, or a listener that fell behind, re-checks the key
     /// as a request would. For tunnels opened with the key (contract §4).
     pub fn key_ends(&self, principal: &Principal) -> impl Future<Output = ()> + Send + 'static {
         let inner = self.keys.inner.clone();
         let hash = *principal.hash();
-        let expires_at = principal.expires_at();
+        let mut expires_at = principal.expires_at();
         let mut events = inner.events.subscribe();
         async move {
-            let expired = async {
-                match expires_at {
-                    Some(at) => {
-                        let left = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-                        tokio::time::sleep(left).await;
+            loop {
+                let expired = async {
+                    match expires_at {
+                        Some(at) => {
+                            let left = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                            tokio::time::sleep(left).await;
+                        }
+                        None => std::future::pending().await,
                     }
-                    None => std::future::pending().await,
-                }
-            };
-            let revoked = async {
-                loop {
-                    let recheck = match events.recv().await {
+                };
+                let recheck = tokio::select! {
+                    _ = expired => return,
+                    event = events.recv() => match event {
                         Ok(KeyEvent::Revoked(h)) if h == hash => return,
                         Ok(KeyEvent::Revoked(_)) => false,
+                        // A rotation moved this key's expiry (§9): the
+                        // timer follows the record.
+                        Ok(KeyEvent::Changed(h)) => h == hash,
                         Ok(KeyEvent::Recheck) | Err(broadcast::error::RecvError::Lagged(_)) => true,
                         Err(broadcast::error::RecvError::Closed) => {
                             std::future::pending::<()>().await;
                             false
                         }
-                    };
-                    // A store outage is not the key's end: only a clear "invalid".
-                    if recheck
-                        && matches!(inner.authenticate(hash).await, Err(AuthError::Invalid(_)))
-                    {
-                        return;
+                    },
+                };
+                if recheck {
+                    match inner.authenticate(hash).await {
+                        Err(AuthError::Invalid(_)) => return,
+                        Ok(now) => expires_at = now.expires_at(),
+                        // A store outage is not the key's end: only a clear "invalid".
+                        Err(AuthError::StoreUnavailable) => {}
                     }
                 }
-            };
-            tokio::select! {
-                _ = expired => {}
-                _ = revoked => {}
             }
         }
     }
@@ -277,6 +280,8 @@ const KEY_EVENTS: usize = 1024;
 #[derive(Debug, Clone, Copy)]
 enum KeyEvent {
     Revoked(KeyHash),
+    /// The key's `expires_at` changed (a rotation): its tunnels re-read it.
+    Changed(KeyHash),
     /// The feed was lost or came back: revocations may have been missed.
     Recheck,
 }
@@ -459,7 +464,7 @@ impl Inner {
     /// let its tunnels re-check. Not a revocation (not counted as one).
     fn apply_expiry_change(&self, hash: &KeyHash) {
         self.cache.revoke(hash);
-        let _ = self.events.send(KeyEvent::Recheck);
+        let _ = self.events.send(KeyEvent::Changed(*hash));
         self.update_size();
     }
 

@@ -87,10 +87,14 @@ impl KeyService {
             return Ok(None);
         }
         let grace = req.grace.unwrap_or(inner.rotate_grace).min(MAX_GRACE);
-        // Whole seconds (rounded down), so the `expires_at` every answer and
-        // the expiry header show (RFC 3339, seconds) is the exact moment.
+        // Whole seconds, so the `expires_at` every answer and the expiry
+        // header show (RFC 3339, seconds) is the exact moment: rounded up,
+        // so the old key never stops before the grace it was given, except
+        // `"0s"`, which stops it now (rounded down).
         let grace_end = now + chrono::Duration::from_std(grace).unwrap_or_default();
-        let grace_end = DateTime::from_timestamp(grace_end.timestamp(), 0).unwrap_or(grace_end);
+        let whole = grace_end.timestamp();
+        let up = grace > Duration::ZERO && grace_end.timestamp_subsec_nanos() > 0;
+        let grace_end = DateTime::from_timestamp(whole + i64::from(up), 0).unwrap_or(grace_end);
         let token = token::mint(&inner.key_prefix);
         let new_hash = token::hash(token.expose());
         let record = KeyRecord {
