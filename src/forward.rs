@@ -205,6 +205,10 @@ impl Forwarder {
         match answer {
             Answer::Response(resp) => {
                 let (mut parts, body) = resp.into_parts();
+                // keygate answers in its own protocol version (RFC 9110
+                // §6.2), never the app's: HTTP/1.1 (hyper answers an
+                // HTTP/1.0 client in 1.0, an HTTP/2 one in frames).
+                parts.version = Version::HTTP_11;
                 clean_response_headers(&mut parts.headers, false);
                 parts
                     .headers
