@@ -7,14 +7,20 @@
 //! - [`proxy`] runs the stages below in the contract's order and turns any
 //!   refusal into its answer, metric and log line;
 //! - [`request`] decides target, Host and path (pure, no I/O);
-//! - [`auth`] parses the credential and validates org keys (cache, store);
-//! - [`keys_api`] answers `/org/tokens` itself (browser sessions via [`session`]);
+//! - [`auth`] parses the credential and validates org keys (cache, store),
+//!   and [`request::scope`] holds them to their role and workspaces (§8);
+//! - [`ratelimit`] lets a limited key's request through or answers 429 (§11);
+//! - [`keys_api`] answers `/org/tokens` itself (browser sessions via
+//!   [`session`]; rotation and usage in [`keys_rotate`]);
 //! - [`forward`] cleans the headers and sends everything else to the app
-//!   over [`upstream`], whose HTTP/1.1 codec is [`h1`].
+//!   over [`upstream`], whose HTTP/1.1 codec is [`h1`];
+//! - [`key_notice`] adds the expiry notice to the answer and counts it in
+//!   the key's usage (§9, §10).
 //!
 //! Beside the path: [`config`] (validated once), [`app`] (the shared state),
-//! [`exchange`] and [`error`] (the types every stage shares), [`admin`] and
-//! [`metrics`], [`logging`], [`shutdown`], and the binary's [`cli`] and [`demo`].
+//! [`exchange`] and [`error`] (the types every stage shares), [`failure`]
+//! and [`time`] (error chains, RFC 3339), [`admin`] and [`metrics`],
+//! [`logging`], [`shutdown`], and the binary's [`cli`] and [`demo`].
 //!
 //! [`run`] and [`spawn`] are the seam the binary and the integration tests
 //! share: an already-validated [`config::Config`], already-bound listeners
