@@ -497,7 +497,7 @@ pub fn audit(path: &Path, since: Option<String>, json: bool) -> Result<(), Failu
             }
             return Ok(());
         }
-        let rows: Vec<[String; 7]> = entries
+        let rows: Vec<[String; 8]> = entries
             .iter()
             .map(|e| {
                 [
@@ -506,6 +506,7 @@ pub fn audit(path: &Path, since: Option<String>, json: bool) -> Result<(), Failu
                     e.action.clone(),
                     e.key_id.clone(),
                     e.prefix.clone(),
+                    e.name.clone().unwrap_or_else(|| "-".into()),
                     e.client.clone().unwrap_or_else(|| "-".into()),
                     e.user_agent.clone().unwrap_or_else(|| "-".into()),
                 ]
@@ -518,6 +519,7 @@ pub fn audit(path: &Path, since: Option<String>, json: bool) -> Result<(), Failu
                 "ACTION",
                 "KEY_ID",
                 "PREFIX",
+                "NAME",
                 "CLIENT",
                 "USER_AGENT",
             ],

@@ -500,7 +500,7 @@ async fn every_mint_and_revoke_is_audited_with_its_actor() {
     let session = "session:u_123".to_string();
 
     // 1. CLI mint.
-    let (k1, t1) = cli_mint(&config, &[]).await;
+    let (k1, t1) = cli_mint(&config, &["--name", "ci-deploy"]).await;
     let by_key = format!("org-key:{}", &t1[..12]);
     // 2. API mint with a key.
     let key_headers = [
@@ -591,6 +591,7 @@ async fn every_mint_and_revoke_is_audited_with_its_actor() {
     ];
     assert_eq!(got, want, "audit trail:\n{out}");
     let prefixes = [(&k1, &t1), (&k2, &t2), (&k3, &t3)];
+    let names = [(&k1, "ci-deploy"), (&k2, "by key")];
     let mut last: Option<DateTime<Utc>> = None;
     for e in &entries {
         for f in [
@@ -617,6 +618,13 @@ async fn every_mint_and_revoke_is_audited_with_its_actor() {
             .find(|(id, _)| e["key_id"] == id.as_str())
             .unwrap();
         assert_eq!(e["prefix"], &token[..12], "{e}");
+        // The key's name, on its mint and its revoke alike (k3 has none).
+        let name = names.iter().find(|(id, _)| e["key_id"] == id.as_str());
+        assert_eq!(
+            e["name"],
+            name.map_or(Value::Null, |(_, n)| (*n).into()),
+            "{e}"
+        );
         for (_, t) in &prefixes {
             assert!(
                 !e.to_string().contains(t.as_str()),
@@ -688,17 +696,34 @@ async fn every_mint_and_revoke_is_audited_with_its_actor() {
         "ACTION",
         "KEY_ID",
         "PREFIX",
+        "NAME",
         "CLIENT",
         "USER_AGENT",
     ] {
         assert!(header.contains(col), "header without {col}: {out}");
     }
+    // NAME is its own column, between PREFIX and CLIENT: each row's cell
+    // starts where the header's does.
+    let name_at = lines[0].find("NAME").unwrap();
+    assert!(
+        lines[0].find("PREFIX").unwrap() < name_at && name_at < lines[0].find("CLIENT").unwrap(),
+        "{out}"
+    );
     for (line, (actor, action, id)) in lines[1..].iter().zip(&want) {
         assert!(
             line.contains(actor.as_str())
                 && line.contains(action.as_str())
                 && line.contains(id.as_str()),
             "row {line:?} is not {actor} {action} {id}"
+        );
+        let name = names
+            .iter()
+            .find(|(k, _)| *k == id)
+            .map_or("-", |(_, n)| *n);
+        assert!(
+            line.get(name_at..)
+                .is_some_and(|cell| cell.starts_with(&format!("{name}  "))),
+            "row {line:?}: NAME is not {name:?}\n{out}"
         );
     }
     kg.stop().await;
