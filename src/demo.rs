@@ -1,6 +1,7 @@
 //! `keygate demo`: everything in one process — memory store, a built-in echo
-//! upstream, keygate on 127.0.0.1:<port> for tenant `demo` — plus a minted key
-//! and curl lines that work when pasted.
+//! upstream, keygate on 127.0.0.1:<port> for tenant `demo` — plus an admin and
+//! a reader key, curl lines that work when pasted, and keygate's access log
+//! (text) on stdout below them.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -12,7 +13,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
+use tokio::signal::unix::SignalKind;
 
+use crate::auth::scope::Role;
 use crate::auth::store::Store;
 use crate::auth::{MintRequest, OpContext};
 use crate::config::{Config, LogFormat};
@@ -35,9 +38,14 @@ pub async fn run(port: u16) -> Result<(), Failure> {
     );
     config.tenant.extra_hosts = vec!["localhost".into(), "127.0.0.1".into()];
     config.listen.addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // keygate's own events: warnings only, on stderr, so the lines below
+    // stay readable. The access log (level info, on stdout, text format):
+    // one line per request, so a newcomer sees what keygate decided.
     config.log.format = LogFormat::Text;
+    config.log.access = true;
     config.log.level = "warn".into();
     crate::logging::init(&config.log, crate::logging::Sink::Stderr);
+    config.log.level = "info".into();
 
     let public = TcpListener::bind(config.listen.addr).await.map_err(|e| {
         Failure::Operation(format!("cannot bind 127.0.0.1:{port}: {e} (try --port)"))
@@ -45,6 +53,13 @@ pub async fn run(port: u16) -> Result<(), Failure> {
     let admin = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| Failure::Operation(format!("cannot bind the admin listener: {e}")))?;
+    // Ctrl-C (and SIGTERM) stop the demo from the moment its lines are printed.
+    let signal = |kind| {
+        tokio::signal::unix::signal(kind)
+            .map_err(|e| Failure::Operation(format!("cannot install signal handlers: {e}")))
+    };
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     let store = Store::memory("demo");
     let handle = crate::spawn(
         config,
@@ -62,20 +77,21 @@ pub async fn run(port: u16) -> Result<(), Failure> {
         client: Some("demo".into()),
         user_agent: Some("keygate-demo".into()),
     };
-    let minted = handle
-        .app
-        .auth
-        .keys()
-        .mint(
-            MintRequest {
-                name: Some("demo".into()),
-                ..MintRequest::default()
-            },
-            &ctx,
-        )
-        .await
-        .map_err(|e| Failure::Operation(format!("cannot mint the demo key: {e:?}")))?;
+    let keys = handle.app.auth.keys();
+    let mint = async |name: &str, role: Role| {
+        let req = MintRequest {
+            name: Some(name.into()),
+            role,
+            ..MintRequest::default()
+        };
+        keys.mint(req, &ctx)
+            .await
+            .map_err(|e| Failure::Operation(format!("cannot mint the {name} key: {e:?}")))
+    };
+    let minted = mint("demo", Role::Admin).await?;
+    let reader = mint("demo-reader", Role::Reader).await?;
     let token = minted.token.expose();
+    let reader_token = reader.token.expose();
     let base = format!("http://127.0.0.1:{}", handle.public_addr.port());
     let bad = crate::auth::token::mint("mok_");
     let admin = handle
@@ -89,6 +105,10 @@ minted org API key {id} (prefix {prefix}); the token is shown once:
 
   {token}
 
+and a reader key {reader_id} (prefix {reader_prefix}): GET, HEAD and OPTIONS only:
+
+  {reader_token}
+
 Try it (Ctrl-C to stop):
 
   # 1. a valid key: forwarded; the echo app shows X-Molecule-Principal: org-key:{id}
@@ -100,15 +120,29 @@ Try it (Ctrl-C to stop):
   # 3. the control-plane admin prefix: 403 forbidden for every caller
   curl -si {base}/cp/admin/tenants -H 'Authorization: Bearer {token}'
 
-  # 4. list keys, then revoke this one; re-run 1 afterwards: 401
+  # 4. the reader key: a GET is forwarded (X-Molecule-Key-Role: reader),
+  #    a POST gets 403 forbidden: outside this key's scope
+  curl -s {base}/api/whoami -H 'Authorization: Bearer {reader_token}'
+  curl -si -X POST {base}/api/whoami -H 'Authorization: Bearer {reader_token}'
+
+  # 5. list keys, then revoke the first one; re-run 1 afterwards: 401
   curl -s {base}/org/tokens -H 'Authorization: Bearer {token}'
   curl -s -X DELETE {base}/org/tokens/{id} -H 'Authorization: Bearer {token}'
+
+keygate's access log follows, one line per request: what keygate decided
+(outcome), the key's id (the app sees org-key:<id> in X-Molecule-Principal)
+and the request_id that the app and the client get as X-Request-Id.
 ",
         id = minted.record.id,
         prefix = minted.record.prefix,
+        reader_id = reader.record.id,
+        reader_prefix = reader.record.prefix,
         bad = bad.expose(),
     );
-    let _ = tokio::signal::ctrl_c().await;
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
     eprintln!("stopping");
     handle.stop().await;
     Ok(())
