@@ -437,6 +437,118 @@ async fn keys_routes_are_never_forwarded() {
     kg.stop().await;
 }
 
+/// Every 405 keygate answers names what the resource does allow (RFC 9110
+/// §15.5.6), over HTTP/1.1 and HTTP/2: each keys route its methods, whatever
+/// the caller's role; `CONNECT` (never proxied) the methods keygate forwards;
+/// the admin listener `GET, HEAD`. None of them reaches the app or changes a key.
+#[tokio::test]
+async fn every_405_carries_allow() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
+    let admin = bootstrap_key(&kg).await;
+    let addr = kg.public_addr;
+    let (id, token) = mint_ok(addr, &admin, r#"{"name":"subject"}"#).await;
+    let (_, reader) = mint_ok(addr, &admin, r#"{"role":"reader"}"#).await;
+
+    let item = format!("/org/tokens/{id}");
+    let rotate = format!("/org/tokens/{id}/rotate");
+    let usage = format!("/org/tokens/{id}/usage");
+    let cases: Vec<(&str, &str, &str, &str)> = vec![
+        ("PUT", "/org/tokens", "GET, POST", &admin),
+        ("DELETE", "/org/tokens", "GET, POST", &admin),
+        ("PUT", "/org/tokens", "GET, POST", &reader),
+        ("GET", &item, "DELETE", &admin),
+        ("POST", &item, "DELETE", &token),
+        ("PATCH", &item, "DELETE", &admin),
+        ("GET", &rotate, "POST", &admin),
+        ("DELETE", &rotate, "POST", &token),
+        ("POST", &usage, "GET", &admin),
+        ("PUT", &usage, "GET", &token),
+    ];
+    let mut h2 = kg::h2_client(addr).await;
+    for (method, target, allow, caller) in &cases {
+        let what = format!("{method} {target}");
+        let r = send(
+            addr,
+            method,
+            target,
+            &[("Authorization", &bearer(caller))],
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 405, "{what}: {r:?}");
+        assert_eq!(r.error(), "method not allowed", "{what}");
+        assert_eq!(r.header("allow").as_deref(), Some(*allow), "{what}");
+        assert!(r.header("x-request-id").is_some(), "{what}: {r:?}");
+
+        let req = http::Request::builder()
+            .method(*method)
+            .uri(format!("http://{HOST}{target}"))
+            .header("authorization", bearer(caller))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let (status, headers, body) = kg::h2_send(&mut h2, req).await.expect(&what);
+        assert_eq!(status, 405, "h2 {what}: {body}");
+        assert_eq!(
+            headers.get("allow").and_then(|v| v.to_str().ok()),
+            Some(*allow),
+            "h2 {what}"
+        );
+    }
+    // The subject key is untouched: not revoked, rotated or read.
+    let r = list(addr, &token).await;
+    assert!(find(&listed(&r), &id).is_some(), "{r:?}");
+
+    // CONNECT: refused before any route or credential, over both protocols.
+    let connect = format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n");
+    let r = kg::raw(addr, connect.as_bytes()).await;
+    assert_eq!(r.status, 405, "{r:?}");
+    let allow = r
+        .header("allow")
+        .unwrap_or_else(|| panic!("CONNECT 405 without Allow: {r:?}"));
+    let methods: Vec<&str> = allow.split(", ").collect();
+    for m in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+        assert!(methods.contains(&m), "Allow: {allow}");
+    }
+    assert!(!methods.contains(&"CONNECT"), "Allow: {allow}");
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("{HOST}:443"))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    // A well-formed HTTP/2 CONNECT (RFC 9113 §8.5: :method and :authority
+    // only) is answered, not reset.
+    let (status, headers, _) = kg::h2_send(&mut kg::h2_client(addr).await, req)
+        .await
+        .expect("h2 CONNECT answered");
+    assert_eq!(status, 405, "h2 CONNECT");
+    assert_eq!(
+        headers.get("allow").and_then(|v| v.to_str().ok()),
+        Some(allow.as_str()),
+        "h2 CONNECT"
+    );
+
+    // The admin listener answers GET and HEAD only.
+    let admin_addr = kg.admin_addr.unwrap();
+    for (method, path) in [
+        ("POST", "/metrics"),
+        ("DELETE", "/healthz"),
+        ("PUT", "/readyz"),
+    ] {
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let r = kg::raw(admin_addr, req.as_bytes()).await;
+        assert_eq!(r.status, 405, "admin {method} {path}: {r:?}");
+        assert_eq!(
+            r.header("allow").as_deref(),
+            Some("GET, HEAD"),
+            "admin {method} {path}"
+        );
+    }
+    assert_eq!(up.count(), 0, "a 405 reached the app");
+    kg.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // What Redis holds
 // ---------------------------------------------------------------------------
