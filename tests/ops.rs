@@ -604,6 +604,33 @@ fn check_prints_the_effective_config_with_secrets_redacted() {
 }
 
 #[test]
+fn check_prints_header_names_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "headers.toml",
+        "[upstream]\nurl = \"http://127.0.0.1:8080\"\n\n[tenant]\nslug = \"acme\"\n\n\
+         [auth]\nprincipal_header = \"X-Acme-Principal\"\nrole_header = \"x-acme-ROLE\"\n\n\
+         [store]\nbackend = \"memory\"\n",
+    );
+    let (code, stdout, stderr) = check(&path, &[]);
+    assert_eq!(code, Some(0), "stderr {stderr:?}");
+    for line in [
+        // as the operator wrote them
+        "principal_header = \"X-Acme-Principal\"",
+        "role_header = \"x-acme-ROLE\"",
+        // defaults: as the contract writes them
+        "workspaces_header = \"X-Molecule-Key-Workspaces\"",
+        "expiry_header = \"X-Molecule-Key-Expires\"",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(line)),
+            "{line} in\n{stdout}"
+        );
+    }
+}
+
+#[test]
 fn check_refuses_an_unreadable_tls_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.crt");
