@@ -6,6 +6,10 @@
 //! token::check_format + token::hash (SHA-256) + a DashMap<KeyHash, u64> hit
 //! (stand-in for the auth cache).
 //!
+//! scope/* = the §8 check (step 4½) alone, on top of the gate: an admin
+//! key, an editor against three `admin_only` rules, a reader bound to two
+//! workspaces on a workspace path (canonical and not). Goal: under 50 ns.
+//!
 //! Run: `cargo bench --bench gate -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
@@ -13,12 +17,13 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use dashmap::DashMap;
 use http::request::Parts;
-use http::{HeaderValue, Request, Uri, Version};
+use http::{HeaderValue, Method, Request, Uri, Version};
 
 use keygate::auth::credential::{self, Credential};
+use keygate::auth::scope::Role;
 use keygate::auth::token::{self, KeyHash};
-use keygate::config::Config;
-use keygate::request::Gate;
+use keygate::config::{AdminOnlyRule, Config, ScopesConfig};
+use keygate::request::{scope, Gate};
 
 const PREFIX: &str = "mok_";
 
@@ -91,6 +96,58 @@ fn benches(c: &mut Criterion) {
     assert!(gate.check(&odd).is_ok());
     g.bench_function("gate_check_noncanonical", |b| {
         b.iter(|| gate.check(black_box(&odd)))
+    });
+    g.finish();
+
+    // §8, step 4½: the scope check alone.
+    let rules = ScopesConfig {
+        workspace_prefix: "/workspaces/".into(),
+        admin_only: vec![
+            AdminOnlyRule {
+                method: Some(Method::POST),
+                prefix: "/org/import".into(),
+            },
+            AdminOnlyRule {
+                method: None,
+                prefix: "/org/billing/".into(),
+            },
+            AdminOnlyRule {
+                method: Some(Method::DELETE),
+                prefix: "/workspaces/".into(),
+            },
+        ],
+    };
+    let bound: Vec<Box<str>> = vec!["ws_1".into(), "ws_2".into()];
+    let get = Method::GET;
+    let check = |role, ws: &[Box<str>], path: &str| scope::check(&rules, role, ws, &get, path);
+    assert!(check(Role::Editor, &[], "/api/v1/things").is_ok());
+    assert!(check(Role::Reader, &bound, "/workspaces/ws_2/things").is_ok());
+    assert!(check(Role::Reader, &bound, "/Workspaces/ws%5F2/things").is_ok());
+    assert!(check(Role::Reader, &bound, "/workspaces/ws_3/things").is_err());
+    let mut g = c.benchmark_group("scope");
+    g.bench_function("admin", |b| {
+        b.iter(|| check(Role::Admin, black_box(&[]), black_box("/api/v1/things")))
+    });
+    g.bench_function("editor_3_rules", |b| {
+        b.iter(|| check(Role::Editor, black_box(&[]), black_box("/api/v1/things")))
+    });
+    g.bench_function("reader_bound", |b| {
+        b.iter(|| {
+            check(
+                Role::Reader,
+                black_box(&bound),
+                black_box("/workspaces/ws_2/things"),
+            )
+        })
+    });
+    g.bench_function("reader_bound_noncanonical", |b| {
+        b.iter(|| {
+            check(
+                Role::Reader,
+                black_box(&bound),
+                black_box("/Workspaces/ws%5F2/things"),
+            )
+        })
     });
     g.finish();
 }
