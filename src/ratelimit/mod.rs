@@ -251,12 +251,14 @@ impl KeyLimiter {
     }
 }
 
+type LimiterRef<'a> = dashmap::mapref::one::Ref<'a, KeyHash, Arc<KeyLimiter>>;
+
 /// What the fast path decided.
-enum Fast<'a> {
+enum Fast {
     Allowed(RateHeaders),
     Refused(RateHeaders),
     /// Nothing reserved left, budget maybe left: wait for a round.
-    Wait(&'a Window, u64),
+    Wait(u64),
 }
 
 /// Every limited key of this instance, and the coordinator's wake-up.
@@ -291,14 +293,22 @@ impl RateLimiter {
         let Some(limit) = p.rate_limit() else {
             return Ok(None);
         };
-        let key = self.key(p, limit);
-        let now = now_ms();
-        let w = window_of(now, key.unit_ms);
-        match self.fast(&key, now, w) {
-            Fast::Allowed(h) => Ok(Some(h)),
-            Fast::Refused(h) => Err(h),
-            Fast::Wait(slot, w) => self.wait(&key, slot, w).await.map(Some),
-        }
+        // The map entry is borrowed for the synchronous part (no reference
+        // count touched); only a request that must wait holds the key.
+        let waiting = {
+            let entry = self.entry(p, limit);
+            let key: &KeyLimiter = &entry;
+            let now = now_ms();
+            let w = window_of(now, key.unit_ms);
+            match self.fast(key, now, w) {
+                Fast::Allowed(h) => return Ok(Some(h)),
+                Fast::Refused(h) => return Err(h),
+                Fast::Wait(w) => (Arc::clone(&entry), w),
+            }
+        };
+        let (key, w) = waiting;
+        let slot = &key.slots[(w & 1) as usize];
+        self.wait(&key, slot, w).await.map(Some)
     }
 
     /// The synchronous part of [`admit`](Self::admit) at `now` (ms): `None`
@@ -311,28 +321,30 @@ impl RateLimiter {
         now: u64,
     ) -> Option<Result<RateHeaders, RateHeaders>> {
         let limit = p.rate_limit()?;
-        let key = self.key(p, limit);
-        let w = window_of(now, key.unit_ms);
-        match self.fast(&key, now, w) {
+        let entry = self.entry(p, limit);
+        let w = window_of(now, entry.unit_ms);
+        match self.fast(&entry, now, w) {
             Fast::Allowed(h) => Some(Ok(h)),
             Fast::Refused(h) => Some(Err(h)),
             Fast::Wait(..) => None,
         }
     }
 
+    /// The key's limiter, borrowed from the map (a shard read lock, held
+    /// only while the caller judges synchronously).
     #[inline]
-    fn key(&self, p: &Principal, limit: RateLimit) -> Arc<KeyLimiter> {
+    fn entry(&self, p: &Principal, limit: RateLimit) -> LimiterRef<'_> {
         if let Some(k) = self.keys.get(p.hash()) {
-            return k.clone();
+            return k;
         }
         self.keys
             .entry(*p.hash())
             .or_insert_with(|| Arc::new(KeyLimiter::new(p.key_id(), limit)))
-            .clone()
+            .downgrade()
     }
 
     #[inline]
-    fn fast<'a>(&self, key: &'a KeyLimiter, now: u64, w: u64) -> Fast<'a> {
+    fn fast(&self, key: &KeyLimiter, now: u64, w: u64) -> Fast {
         let slot = key.window(w, !self.store_ok.load(Ordering::Relaxed));
         if let Some(used) = slot.take() {
             return Fast::Allowed(key.headers(slot, used, now, w, false));
@@ -345,7 +357,7 @@ impl RateLimiter {
         {
             return Fast::Refused(key.headers(slot, used, now, w, true));
         }
-        Fast::Wait(slot, w)
+        Fast::Wait(w)
     }
 
     #[cold]
