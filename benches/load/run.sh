@@ -27,6 +27,8 @@
 #   WRITE=auto          1: write BENCHMARKS.md; 0: don't; auto: only for ROUNDS>=3 and DURATION=10s
 #   CLIENT_CPU=0 PROXY_CPU=1    taskset CPUs for wrk (and redis) / proxy + upstream
 #   KEEP=0              1: keep the work dir (configs, logs, wrk outputs)
+#   KEY_ROLE=           the bench key's role (§8: admin, editor, reader; GETs pass all three)
+#   KEY_RATE_LIMIT=     the bench key's rate limit (§11), e.g. 10000000/s: a limit well above the load
 #   CARGO_TARGET_DIR    respected (default: the repo's target/)
 #
 # Everything runs on 127.0.0.1; every process started here is stopped on exit.
@@ -36,6 +38,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE="$REPO/benches/load"
 MODE=${MODE:-plain}
 STREAMS=${STREAMS:-10}
+KEY_ROLE=${KEY_ROLE:-}
+KEY_RATE_LIMIT=${KEY_RATE_LIMIT:-}
 case "$MODE" in
     plain | post) TLS=0 DEFAULT_TARGETS="direct nginx keygate nginx-log keygate-log" ;;
     tls) TLS=1 DEFAULT_TARGETS="direct nginx keygate" ;;
@@ -277,7 +281,10 @@ start_keygate keygate-log true
 KG2_PID=$KG_PID KG2_PORT=$KG_PORT
 
 log "minting a key with keygate keys mint"
-MINT_JSON=$("$KEYGATE" keys mint --config "$KG1_CONFIG" --name load-bench --json 2>"$WORK/mint.err") \
+MINT_ARGS=(--name load-bench --json)
+[ -n "$KEY_ROLE" ] && MINT_ARGS+=(--role "$KEY_ROLE")
+[ -n "$KEY_RATE_LIMIT" ] && MINT_ARGS+=(--rate-limit "$KEY_RATE_LIMIT")
+MINT_JSON=$("$KEYGATE" keys mint --config "$KG1_CONFIG" "${MINT_ARGS[@]}" 2>"$WORK/mint.err") \
     || die "keygate keys mint failed: $(cat "$WORK/mint.err")"
 TOKEN=$(printf '%s' "$MINT_JSON" | python3 -c 'import json,sys; print(json.load(sys.stdin)["auth_token"])')
 KEY_ID=$(printf '%s' "$MINT_JSON" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
