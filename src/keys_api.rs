@@ -76,7 +76,9 @@ pub async fn handle(
     };
     let keys = app.auth.keys();
     match (route, &parts.method) {
-        (KeysRoute::Collection, &Method::GET) => {
+        // HEAD wherever GET (RFC 9110 §9.3.2): the same answer, its body
+        // left unsent by the HTTP layer.
+        (KeysRoute::Collection, &Method::GET | &Method::HEAD) => {
             allowed(KeyCall::List)?;
             let records = keys.list().await.map_err(store_down)?;
             Ok(ok_json(&list_json(&records), request_id))
@@ -102,7 +104,7 @@ pub async fn handle(
         (KeysRoute::Rotate(id), &Method::POST) => {
             crate::keys_rotate::rotate(app, caller.as_ref(), id, body, &ctx, request_id).await
         }
-        (KeysRoute::Usage(id), &Method::GET) => {
+        (KeysRoute::Usage(id), &Method::GET | &Method::HEAD) => {
             crate::keys_rotate::usage(app, caller.as_ref(), id, &parts, request_id).await
         }
         (KeysRoute::Rotate(_), _) | (KeysRoute::Usage(_), _) => {
@@ -122,7 +124,7 @@ pub async fn handle(
 /// is left to `handle`'s 405.
 pub fn key_may_call(p: &Principal, route: &KeysRoute, method: &Method) -> Result<(), Rejection> {
     let call = match (route, method) {
-        (KeysRoute::Collection, &Method::GET) => KeyCall::List,
+        (KeysRoute::Collection, &Method::GET | &Method::HEAD) => KeyCall::List,
         // Whether this key may mint at all; the subset rule needs the body.
         (KeysRoute::Collection, &Method::POST) => {
             return (p.role() == Role::Admin)
@@ -131,7 +133,7 @@ pub fn key_may_call(p: &Principal, route: &KeysRoute, method: &Method) -> Result
         }
         (KeysRoute::Item(id), &Method::DELETE)
         | (KeysRoute::Rotate(id), &Method::POST)
-        | (KeysRoute::Usage(id), &Method::GET) => KeyCall::OnKey { id },
+        | (KeysRoute::Usage(id), &Method::GET | &Method::HEAD) => KeyCall::OnKey { id },
         _ => return Ok(()),
     };
     key_call_allowed(p.role(), p.workspaces(), p.key_id(), call)
@@ -142,10 +144,10 @@ pub fn key_may_call(p: &Principal, route: &KeysRoute, method: &Method) -> Result
 /// The `Allow` header of a route's 405: the methods [`handle`] answers there.
 pub fn allowed_methods(route: &KeysRoute) -> &'static str {
     match route {
-        KeysRoute::Collection => "GET, POST",
+        KeysRoute::Collection => "GET, HEAD, POST",
         KeysRoute::Item(_) => "DELETE",
         KeysRoute::Rotate(_) => "POST",
-        KeysRoute::Usage(_) => "GET",
+        KeysRoute::Usage(_) => "GET, HEAD",
         KeysRoute::Unknown => "",
     }
 }

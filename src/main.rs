@@ -34,10 +34,10 @@ enum Command {
     Serve(ConfigArg),
     /// Validate the configuration and print it with secrets redacted.
     Check(ConfigArg),
-    /// Mint, list and revoke org API keys in the configured store.
+    /// Mint, list, revoke and rotate org API keys, and read their usage, in the configured store.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Print the tenant's audit trail (mints and revokes), oldest first.
+    /// Print the tenant's audit trail (mints, revokes and rotations), oldest first.
     Audit {
         #[command(flatten)]
         config: ConfigArg,
@@ -182,8 +182,9 @@ fn main() -> ExitCode {
         Command::Demo { port } => cli::demo(port),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "keygate", &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "keygate", &mut script);
+            write_stdout(&script, "the completion script")
         }
         Command::Man => man_page(),
     };
@@ -208,7 +209,6 @@ fn main() -> ExitCode {
 
 /// `keygate(1)`: the top-level page, with every subcommand's usage and flags.
 fn man_page() -> Result<(), Failure> {
-    use std::io::Write as _;
     let cmd = <Cli as clap::CommandFactory>::command();
     let mut out = Vec::new();
     let page = clap_mangen::Man::new(cmd.clone());
@@ -229,9 +229,19 @@ fn man_page() -> Result<(), Failure> {
     );
     page.render_version_section(&mut out)
         .map_err(|e| Failure::Operation(format!("cannot render the man page: {e}")))?;
-    std::io::stdout()
-        .write_all(&out)
-        .map_err(|e| Failure::Operation(format!("cannot write the man page: {e}")))
+    write_stdout(&out, "the man page")
+}
+
+/// Write generated text to stdout. A reader that stopped early (`| head`)
+/// is not an error; any other write failure is one `error:` line.
+fn write_stdout(bytes: &[u8], what: &str) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Failure::Operation(format!("cannot write {what}: {e}"))),
+    }
 }
 
 /// One `.SH` section per (nested) subcommand: its usage, about and options.

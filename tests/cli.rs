@@ -764,6 +764,26 @@ async fn completions_are_generated_for_each_shell() {
     assert_exit(&o, 2, "completions tcsh");
 }
 
+/// A reader that stops early (`keygate completions zsh | head -3`) ends the
+/// command quietly: exit 0, no panic, nothing on stderr.
+#[test]
+fn generated_text_to_a_closed_pipe_is_not_a_panic() {
+    for args in [&["completions", "zsh"][..], &["man"][..]] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before keygate writes: its writes meet EPIPE.
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn man_page_is_roff_with_every_command() {
     let o = keygate(&["man"]).await;

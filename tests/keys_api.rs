@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use keygate::config::{Config, OutagePolicy, SessionConfig};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const INVALID_KEY: &str = "invalid or revoked org API key";
@@ -419,7 +420,7 @@ async fn keys_routes_are_never_forwarded() {
         assert_eq!(r.status, 405, "{method} {target}: {r:?}");
         assert!(!r.error().is_empty());
         let allow = if target == "/org/tokens" {
-            "GET, POST"
+            "GET, HEAD, POST"
         } else {
             "DELETE"
         };
@@ -434,6 +435,52 @@ async fn keys_routes_are_never_forwarded() {
     let r = get_with(addr, "/org/tokensx", &caller).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(up.wait_for(1).await[0].uri.path(), "/org/tokensx");
+    kg.stop().await;
+}
+
+/// HEAD is answered wherever GET is (RFC 9110 §9.3.2): `GET /org/tokens`'s
+/// and the usage route's status and fields, no body; its scope is GET's.
+#[tokio::test]
+async fn head_is_answered_like_get_without_a_body() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let kg = kg::start_live(&kg::redis_config(&up, &redis)).await;
+    let admin = bootstrap_key(&kg).await;
+    let addr = kg.public_addr;
+    let (id, _) = mint_ok(addr, &admin, r#"{"name":"subject"}"#).await;
+    let (_, bound) = mint_ok(addr, &admin, r#"{"role":"reader","workspaces":["ws_1"]}"#).await;
+    let head = |target: String, token: String| async move {
+        let req = format!(
+            "HEAD {target} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n\r\n"
+        );
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
+            .await
+            .expect("answer within 10s")
+            .unwrap();
+        String::from_utf8(all).unwrap()
+    };
+    for target in ["/org/tokens".to_string(), format!("/org/tokens/{id}/usage")] {
+        let got = head(target.clone(), admin.clone()).await;
+        assert!(got.starts_with("HTTP/1.1 200 "), "HEAD {target}: {got:?}");
+        assert!(
+            got.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{got:?}"
+        );
+        assert!(
+            got.ends_with("\r\n\r\n"),
+            "HEAD {target} sent a body: {got:?}"
+        );
+    }
+    // A bound key may not list (§8), by HEAD either.
+    let got = head("/org/tokens".into(), bound).await;
+    assert!(got.starts_with("HTTP/1.1 403 "), "{got:?}");
+    assert!(got.ends_with("\r\n\r\n"), "{got:?}");
+    assert_eq!(up.count(), 0, "a keys route reached the app");
     kg.stop().await;
 }
 
@@ -455,16 +502,16 @@ async fn every_405_carries_allow() {
     let rotate = format!("/org/tokens/{id}/rotate");
     let usage = format!("/org/tokens/{id}/usage");
     let cases: Vec<(&str, &str, &str, &str)> = vec![
-        ("PUT", "/org/tokens", "GET, POST", &admin),
-        ("DELETE", "/org/tokens", "GET, POST", &admin),
-        ("PUT", "/org/tokens", "GET, POST", &reader),
+        ("PUT", "/org/tokens", "GET, HEAD, POST", &admin),
+        ("DELETE", "/org/tokens", "GET, HEAD, POST", &admin),
+        ("PUT", "/org/tokens", "GET, HEAD, POST", &reader),
         ("GET", &item, "DELETE", &admin),
         ("POST", &item, "DELETE", &token),
         ("PATCH", &item, "DELETE", &admin),
         ("GET", &rotate, "POST", &admin),
         ("DELETE", &rotate, "POST", &token),
-        ("POST", &usage, "GET", &admin),
-        ("PUT", &usage, "GET", &token),
+        ("POST", &usage, "GET, HEAD", &admin),
+        ("PUT", &usage, "GET, HEAD", &token),
     ];
     let mut h2 = kg::h2_client(addr).await;
     for (method, target, allow, caller) in &cases {
