@@ -290,6 +290,7 @@ TOKEN=$(printf '%s' "$MINT_JSON" | python3 -c 'import json,sys; print(json.load(
 KEY_ID=$(printf '%s' "$MINT_JSON" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 
 # ---------------------------------------------------------------- nginx
+if [ "$H2" = 1 ]; then NGINX_KEEPALIVE=$((CONNS * STREAMS)); else NGINX_KEEPALIVE=$CONNS; fi
 NGINX_PORT=$(free_port)
 NGINX_LOG_PORT=$(free_port)
 mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
@@ -374,7 +375,9 @@ http {
 
     upstream app {
         server 127.0.0.1:$UPSTREAM_PORT;
-        keepalive 64;
+        # Idle app connections kept: one per request in flight (HTTP/2: connections x
+        # streams), as keygate's pool keeps them, so neither side reconnects under load.
+        keepalive $NGINX_KEEPALIVE;
         keepalive_requests 1000000000;
     }
     # The one real org key -> principal; anything else that looks like an org key -> "!" (401);

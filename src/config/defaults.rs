@@ -59,7 +59,9 @@ impl UpstreamConfig {
             read_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(90),
             own_links: 1024,
-            max_idle: 256,
+            // As many as `own_links`: HTTP/2 clients (64 connections x 10
+            // streams in benches/load) must not churn app connections.
+            max_idle: 1024,
             authorization: None,
             ca_file: None,
         }

@@ -494,7 +494,7 @@ mod tests {
         assert_eq!(c.upstream.read_timeout, Duration::from_secs(60));
         assert_eq!(c.upstream.idle_timeout, Duration::from_secs(90));
         assert_eq!(c.upstream.own_links, 1024);
-        assert_eq!(c.upstream.max_idle, 256);
+        assert_eq!(c.upstream.max_idle, 1024);
         assert!(c.upstream.authorization.is_none());
         assert!(c.upstream.ca_file.is_none());
         assert_eq!(c.tenant.slug, "acme");
