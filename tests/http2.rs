@@ -281,6 +281,69 @@ async fn bad_key_gets_401_with_www_authenticate() {
     kg.stop().await;
 }
 
+/// HEAD answers keygate writes itself (refusals, the key API) carry GET's
+/// status and fields, `Content-Length` included, and no DATA: content on a
+/// HEAD response is a stream error for an HTTP/2 client (RFC 9113 §8.1.1).
+/// HTTP/1.1 the same, on the wire.
+#[tokio::test]
+async fn head_answers_carry_no_content_on_both_protocols() {
+    let (up, kg) = start().await;
+    let key = kg::mint_key(&kg, None).await;
+    let auth = format!("Bearer {}", key.token);
+    let cases: [(&str, &str, u16); 4] = [
+        ("/cp/admin/x", "", 403),
+        ("/api", "Bearer mok_wrong", 401),
+        ("/org/tokens", &auth, 200),
+        ("/api/x", &auth, 200),
+    ];
+    for (path, authorization, status) in cases {
+        let mut headers = vec![];
+        if !authorization.is_empty() {
+            headers.push(("authorization", authorization));
+        }
+        let get = h2(kg.public_addr, h2_req(Method::GET, &url(path), &headers))
+            .await
+            .expect("GET answer");
+        let (got, fields, body) = h2(kg.public_addr, h2_req(Method::HEAD, &url(path), &headers))
+            .await
+            .unwrap_or_else(|e| panic!("HEAD {path} over HTTP/2: {e}"));
+        assert_eq!((got, get.0), (status, status), "HEAD {path}");
+        assert_eq!(body, "", "HEAD {path}");
+        if path != "/api/x" {
+            // keygate's own answers: GET's length, announced, not sent.
+            assert_eq!(
+                fields.get("content-length").and_then(|v| v.to_str().ok()),
+                Some(get.2.len().to_string().as_str()),
+                "HEAD {path}: {fields:?}"
+            );
+        }
+
+        let extra = if authorization.is_empty() {
+            String::new()
+        } else {
+            format!("Authorization: {authorization}\r\n")
+        };
+        let req =
+            format!("HEAD {path} HTTP/1.1\r\nHost: {HOST}\r\n{extra}Connection: close\r\n\r\n");
+        let mut s = TcpStream::connect(kg.public_addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
+            .await
+            .expect("HTTP/1.1 answer within 10s")
+            .unwrap();
+        let text = String::from_utf8_lossy(&all);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text:?}");
+        assert!(
+            text.ends_with("\r\n\r\n"),
+            "HEAD {path} sent content: {text:?}"
+        );
+    }
+    // Only the /api/x requests (GET and HEAD over HTTP/2, HEAD over HTTP/1.1) reached the app.
+    assert_eq!(up.wait_for(3).await.len(), 3);
+    kg.stop().await;
+}
+
 #[tokio::test]
 async fn authority_disagreeing_with_host_is_400_and_agreeing_is_served() {
     let (up, kg) = start().await;

@@ -75,6 +75,7 @@ pub async fn serve<IO>(
             let app = app.clone();
             let info = info.clone();
             let guard = InflightGuard::new(state.clone());
+            let head = req.method() == http::Method::HEAD;
             let (judged, last) = match protocol {
                 Protocol::Http2 => (Judged::Yes(None), false),
                 Protocol::Http1 => guard.state().take_verdict(req.method(), req.uri()),
@@ -84,6 +85,9 @@ pub async fn serve<IO>(
             // it there on each request.
             Box::pin(async move {
                 let (mut resp, record) = crate::proxy::handle(app, info, req, judged).await;
+                if head {
+                    without_content(&mut resp);
+                }
                 if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                     guard.state().mark_upgraded();
                 } else if last {
@@ -113,6 +117,21 @@ pub async fn serve<IO>(
             io.begin_http1(&app.config.auth.key_prefix, &prefix);
             park::serve_http1(io, prefix, service, state, info, &app, drain).await
         }
+    }
+}
+
+/// A HEAD answer keygate wrote itself (a refusal, the key API) keeps the
+/// fields GET's would have, `Content-Length` included, and sends no content
+/// (RFC 9110 §9.3.2): hyper leaves the body out on HTTP/1.1, but on HTTP/2
+/// it would send it as DATA, a stream error for the client (RFC 9113
+/// §8.1.1). The app's answers to HEAD already have no body.
+fn without_content(resp: &mut Response<ProxyBody>) {
+    if let ProxyBody::Full(Some(bytes)) = resp.body() {
+        let len = bytes.len();
+        resp.headers_mut()
+            .entry(header::CONTENT_LENGTH)
+            .or_insert_with(|| HeaderValue::from(len));
+        *resp.body_mut() = ProxyBody::empty();
     }
 }
 
