@@ -134,8 +134,9 @@ pub async fn handle(
         ),
     };
     crate::key_notice::finish(&app, key.as_ref(), outcome, response.headers_mut());
-    // §11: every response to a rate-limited key, let through or not.
-    if let Some(rate) = rate {
+    // §11: every response to a rate-limited key, let through or not; one
+    // refused before its limit (its scope, step 4½) shows what is left.
+    if let Some(rate) = rate.or_else(|| key.as_ref().and_then(|k| app.ratelimit.peek(k))) {
         rate.apply(response.headers_mut());
     }
     app.metrics.record_outcome(outcome);

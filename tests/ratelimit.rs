@@ -313,6 +313,10 @@ async fn out_of_scope_requests_never_consume_the_limit() {
             let r = send(addr, method, target, &[("Authorization", &auth)], *body).await;
             assert_eq!(r.status, 403, "{method} {target}: {r:?}");
             assert_eq!(r.error(), "forbidden: outside this key's scope");
+            // Every response to a limited key carries its headers: nothing taken.
+            assert_eq!(r.header("ratelimit-limit").as_deref(), Some("2"), "{r:?}");
+            assert_eq!(r.header("ratelimit-remaining").as_deref(), Some("2"));
+            assert!(r.header("retry-after").is_none(), "{r:?}");
         }
     }
     let r = get_with(

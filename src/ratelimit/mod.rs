@@ -311,6 +311,38 @@ impl RateLimiter {
         self.wait(&key, slot, w).await.map(Some)
     }
 
+    /// The `RateLimit-*` values for a limited key's request refused after
+    /// the key was checked but before its limit (§8's 403): what the key
+    /// has left in the window, nothing taken, no `Retry-After`. `None`: the
+    /// key has no limit.
+    pub fn peek(&self, p: &Principal) -> Option<RateHeaders> {
+        let limit = p.rate_limit()?;
+        let n = u64::from(limit.limit.get());
+        let unit_ms = limit.per.seconds() * 1000;
+        let now = now_ms();
+        let w = window_of(now, unit_ms);
+        let (used, others) = match self.keys.get(p.hash()) {
+            Some(k) => {
+                let slot = &k.slots[(w & 1) as usize];
+                if slot.id.load(Ordering::Acquire) == w {
+                    (
+                        slot.used.load(Ordering::Relaxed),
+                        slot.others.load(Ordering::Relaxed),
+                    )
+                } else {
+                    (0, 0)
+                }
+            }
+            None => (0, 0),
+        };
+        Some(RateHeaders {
+            limit: n,
+            remaining: n.saturating_sub(others.saturating_add(used)),
+            reset: seconds_to_end(now, w, unit_ms),
+            refused: false,
+        })
+    }
+
     /// The synchronous part of [`admit`](Self::admit) at `now` (ms): `None`
     /// when the request would have to wait for a reservation (benchmarks,
     /// unit tests).
