@@ -30,6 +30,10 @@ pub const MAX_NAME_CHARS: usize = 100;
 pub const MINT_WARNING: &str =
     "Store this token now: it is shown only once and cannot be recovered.";
 
+/// Answer a key-management call. A key's call has passed
+/// [`key_may_call`] at step 4½ (before its rate limit); the one part of the
+/// §8 rule that needs the body, a mint no wider than the key, is checked
+/// here.
 pub async fn handle(
     app: &App,
     conn: &ConnInfo,
@@ -39,11 +43,6 @@ pub async fn handle(
     identity: Identity,
     request_id: &HeaderValue,
 ) -> Result<Response<ProxyBody>, Rejection> {
-    // The calling key, for the §8 rule of the per-key routes (None: a session).
-    let caller = match &identity {
-        Identity::OrgKey(p) => Some(p.clone()),
-        Identity::Passthrough => None,
-    };
     // Who is asking: a key, or a verified browser session.
     let (actor, by_session, key) = match identity {
         Identity::OrgKey(p) => (Actor(format!("org-key:{}", p.prefix())), false, Some(p)),
@@ -51,13 +50,6 @@ pub async fn handle(
             let user_id = session_user(app, &parts).await?;
             (Actor(format!("session:{user_id}")), true, None)
         }
-    };
-    // §8: what a key may do here (sessions may do all of it).
-    let allowed = |call: KeyCall<'_>| match &key {
-        Some(p) => key_call_allowed(p.role(), p.workspaces(), p.key_id(), call)
-            .then_some(())
-            .ok_or(Rejection::OutOfScope),
-        None => Ok(()),
     };
     if by_session
         && (parts.method == Method::POST || parts.method == Method::DELETE)
@@ -79,15 +71,21 @@ pub async fn handle(
         // HEAD wherever GET (RFC 9110 §9.3.2): the same answer, its body
         // left unsent by the HTTP layer.
         (KeysRoute::Collection, &Method::GET | &Method::HEAD) => {
-            allowed(KeyCall::List)?;
             let records = keys.list().await.map_err(store_down)?;
             Ok(ok_json(&list_json(&records), request_id))
         }
         (KeysRoute::Collection, &Method::POST) => {
             let req = read_mint_request(body).await?;
-            allowed(KeyCall::Mint {
-                workspaces: &req.workspaces,
-            })?;
+            // §8's mint rule needs the body: no key mints wider than itself
+            // (sessions mint any scope).
+            if let Some(p) = &key {
+                let call = KeyCall::Mint {
+                    workspaces: &req.workspaces,
+                };
+                if !key_call_allowed(p.role(), p.workspaces(), p.key_id(), call) {
+                    return Err(Rejection::OutOfScope);
+                }
+            }
             match keys.mint(req, &ctx).await {
                 Ok(minted) => Ok(ok_json(&minted_json(&minted), request_id)),
                 Err(MintError::CeilingReached) => Err(Rejection::MintCeiling),
@@ -95,17 +93,16 @@ pub async fn handle(
             }
         }
         (KeysRoute::Item(id), &Method::DELETE) => {
-            allowed(KeyCall::OnKey { id })?;
             match keys.revoke(id, &ctx).await.map_err(store_down)? {
                 true => Ok(ok_json(&json!({ "revoked": id }), request_id)),
                 false => Err(Rejection::TokenNotFound),
             }
         }
         (KeysRoute::Rotate(id), &Method::POST) => {
-            crate::keys_rotate::rotate(app, caller.as_ref(), id, body, &ctx, request_id).await
+            crate::keys_rotate::rotate(app, id, body, &ctx, request_id).await
         }
         (KeysRoute::Usage(id), &Method::GET | &Method::HEAD) => {
-            crate::keys_rotate::usage(app, caller.as_ref(), id, &parts, request_id).await
+            crate::keys_rotate::usage(app, id, &parts, request_id).await
         }
         (KeysRoute::Rotate(_), _) | (KeysRoute::Usage(_), _) => {
             Err(Rejection::KeysMethodNotAllowed)
@@ -117,11 +114,11 @@ pub async fn handle(
     }
 }
 
-/// The §8 rule as far as the route and method decide it, for step 4¾: a
+/// The §8 rule as far as the route and method decide it, for step 4½: a
 /// key-management call the key may not make is refused before the key's
-/// rate limit (§11), so it never consumes budget. `handle` checks again,
-/// with the body (a mint's workspaces); a method the route does not answer
-/// is left to `handle`'s 405.
+/// rate limit (§11), so it never consumes budget. The mint's subset rule
+/// needs the body and is `handle`'s; a method the route does not answer is
+/// left to `handle`'s 405.
 pub fn key_may_call(p: &Principal, route: &KeysRoute, method: &Method) -> Result<(), Rejection> {
     let call = match (route, method) {
         (KeysRoute::Collection, &Method::GET | &Method::HEAD) => KeyCall::List,

@@ -1,6 +1,7 @@
 //! `POST /org/tokens/{id}/rotate` (contract §9) and
 //! `GET /org/tokens/{id}/usage[?since=]` (§10), called from
-//! [`crate::keys_api::handle`] once the caller is known.
+//! [`crate::keys_api::handle`] once the caller is known and §8 allows the
+//! call (step 4½, [`crate::keys_api::key_may_call`]).
 
 use chrono::{DateTime, Utc};
 use http::header::HeaderValue;
@@ -10,36 +11,20 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::app::App;
-use crate::auth::scope::{key_call_allowed, KeyCall};
 use crate::auth::store::UsageHour;
 use crate::auth::usage::hour_start;
-use crate::auth::{OpContext, Principal, RotateRequest, Rotated, UsageReport, MAX_GRACE};
+use crate::auth::{OpContext, RotateRequest, Rotated, UsageReport, MAX_GRACE};
 use crate::error::Rejection;
 use crate::exchange::ProxyBody;
 use crate::keys_api::{minted_json, ok_json, read_body, rfc3339};
 
-/// §8: a key may act on itself; an unbound admin key on any key; sessions on all.
-fn allowed(caller: Option<&Principal>, id: &str) -> Result<(), Rejection> {
-    match caller {
-        None => Ok(()),
-        Some(p)
-            if key_call_allowed(p.role(), p.workspaces(), p.key_id(), KeyCall::OnKey { id }) =>
-        {
-            Ok(())
-        }
-        Some(_) => Err(Rejection::OutOfScope),
-    }
-}
-
 pub async fn rotate(
     app: &App,
-    caller: Option<&Principal>,
     id: &str,
     body: Incoming,
     ctx: &OpContext,
     request_id: &HeaderValue,
 ) -> Result<Response<ProxyBody>, Rejection> {
-    allowed(caller, id)?;
     let bytes = read_body(body).await?;
     let req = parse_rotate_request(&bytes, Utc::now())?;
     match app.auth.keys().rotate(id, req, ctx).await {
@@ -54,12 +39,10 @@ pub async fn rotate(
 
 pub async fn usage(
     app: &App,
-    caller: Option<&Principal>,
     id: &str,
     parts: &Parts,
     request_id: &HeaderValue,
 ) -> Result<Response<ProxyBody>, Rejection> {
-    allowed(caller, id)?;
     let since = parse_since(parts.uri.query())?;
     match app.auth.keys().usage(id, since).await {
         Ok(Some(report)) => Ok(ok_json(&usage_json(&report), request_id)),

@@ -134,9 +134,8 @@ pub async fn handle(
         ),
     };
     crate::key_notice::finish(&app, key.as_ref(), outcome, response.headers_mut());
-    // §11: every response to a rate-limited key, let through or not; one
-    // refused before its limit (its scope, step 4½) shows what is left.
-    if let Some(rate) = rate.or_else(|| key.as_ref().and_then(|k| app.ratelimit.peek(k))) {
+    // §11: every response to a rate-limited key, let through or not.
+    if let Some(rate) = rate {
         rate.apply(response.headers_mut());
     }
     app.metrics.record_outcome(outcome);
@@ -312,15 +311,21 @@ async fn decide(
     // binding; key-management calls by their own rule, as far as the route
     // and method decide it (the keys API checks a mint's body itself).
     if let Identity::OrgKey(principal) = &identity {
-        match &admitted.keys_route {
+        let in_scope = match &admitted.keys_route {
             None => crate::request::scope::check(
                 &app.config.scopes,
                 principal.role(),
                 principal.workspaces(),
                 &parts.method,
                 parts.uri.path(),
-            )?,
-            Some(route) => keys_api::key_may_call(principal, route, &parts.method)?,
+            ),
+            Some(route) => keys_api::key_may_call(principal, route, &parts.method),
+        };
+        if let Err(rejection) = in_scope {
+            // §11: every response to a rate-limited key carries its
+            // headers; this one, refused before the limit, shows what is left.
+            *rate = app.ratelimit.peek(principal);
+            return Err(rejection);
         }
     }
 
