@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::keys::{bearer, get_with, mint, send};
@@ -14,7 +15,7 @@ use common::redis::{redis_cli, RedisCluster, RedisServer};
 use common::upstream::Upstream;
 use keygate::auth::scope::Role;
 use keygate::auth::MintRequest;
-use keygate::config::{OutagePolicy, RateLimit, RedisTarget, Secret, StoreBackend};
+use keygate::config::{OutagePolicy, RateLimit};
 use keygate::RunHandle;
 
 fn now_ms() -> u64 {
@@ -68,15 +69,51 @@ async fn api_mint(
     (v, token)
 }
 
+/// `tasks` concurrent clients, spread over `addrs`, each sending `each`
+/// requests with `token`: (let through, refused with 429). Any other
+/// status fails the test.
+async fn drive(addrs: &[SocketAddr], token: &str, tasks: usize, each: usize) -> (usize, usize) {
+    let mut running = Vec::new();
+    for t in 0..tasks {
+        let token = token.to_string();
+        let addr = addrs[t % addrs.len()];
+        running.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0, 0);
+            for _ in 0..each {
+                let r = get_with(addr, "/api/x", &token).await;
+                match r.status {
+                    200 => ok += 1,
+                    429 => refused += 1,
+                    other => panic!("unexpected {other}: {r:?}"),
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in running {
+        let (o, r) = t.await.unwrap();
+        ok += o;
+        refused += r;
+    }
+    (ok, refused)
+}
+
+/// The Redis key of key `id`'s counter for the window starting at
+/// `window_start_s` (tenant acme).
+fn counter_key(id: &str, window_start_s: u64) -> String {
+    format!("keygate:{{acme}}:rl:{id}:{window_start_s}")
+}
+
 fn counter(redis: &RedisServer, id: &str, window_start_s: u64) -> String {
-    let key = format!("keygate:{{acme}}:rl:{id}:{window_start_s}");
-    redis_cli(redis.port(), &["GET", &key]).trim().to_string()
+    redis_cli(redis.port(), &["GET", &counter_key(id, window_start_s)])
+        .trim()
+        .to_string()
 }
 
 /// Milliseconds the window counter has left to live.
 fn counter_ttl(redis: &RedisServer, id: &str, window_start_s: u64) -> i64 {
-    let key = format!("keygate:{{acme}}:rl:{id}:{window_start_s}");
-    redis_cli(redis.port(), &["PTTL", &key])
+    redis_cli(redis.port(), &["PTTL", &counter_key(id, window_start_s)])
         .trim()
         .parse()
         .unwrap()
@@ -185,31 +222,7 @@ async fn two_keygates_sharing_redis_hold_40_per_minute_together() {
     }
     let start = align(60_000, 60_000, 30_000).await;
     let warm = up.count();
-    let addrs = [a.public_addr, b.public_addr];
-    let mut tasks = Vec::new();
-    for t in 0..8 {
-        let token = key.token.clone();
-        let addr = addrs[t % 2];
-        tasks.push(tokio::spawn(async move {
-            let mut ok = 0;
-            let mut refused = 0;
-            for _ in 0..15 {
-                let r = get_with(addr, "/api/x", &token).await;
-                match r.status {
-                    200 => ok += 1,
-                    429 => refused += 1,
-                    other => panic!("unexpected {other}: {r:?}"),
-                }
-            }
-            (ok, refused)
-        }));
-    }
-    let (mut ok, mut refused) = (0, 0);
-    for t in tasks {
-        let (o, r) = t.await.unwrap();
-        ok += o;
-        refused += r;
-    }
+    let (ok, refused) = drive(&[a.public_addr, b.public_addr], &key.token, 8, 15).await;
     assert!(now_ms() < start + 60_000, "the drive left the window");
     // The warm-up requests count in this window when it began before them.
     let warm_in_window = if warm_at >= start { 2 } else { 0 };
@@ -448,44 +461,12 @@ async fn redis_killed_mid_window_local_limits_hold_and_recover() {
 async fn cluster_two_keygates_hold_one_limit_in_the_tenant_slot() {
     let cluster = tokio::task::block_in_place(|| RedisCluster::start(3));
     let up = Upstream::start().await;
-    let mut c = kg::config(up.url());
-    c.store.backend = StoreBackend::Redis(RedisTarget::Cluster(
-        cluster
-            .urls()
-            .into_iter()
-            .take(2)
-            .map(Secret::new)
-            .collect(),
-    ));
-    c.store.timeout = Duration::from_secs(2);
+    let c = kg::cluster_config(&up, &cluster);
     let a = kg::start_live(&c).await;
     let b = kg::start_live(&c).await;
     let key = limited_key(&a, "30/h").await;
     let start = align(3_600_000, 3_600_000, 60_000).await;
-    let addrs = [a.public_addr, b.public_addr];
-    let mut tasks = Vec::new();
-    for t in 0..6 {
-        let token = key.token.clone();
-        let addr = addrs[t % 2];
-        tasks.push(tokio::spawn(async move {
-            let (mut ok, mut refused) = (0, 0);
-            for _ in 0..10 {
-                let r = get_with(addr, "/api/x", &token).await;
-                match r.status {
-                    200 => ok += 1,
-                    429 => refused += 1,
-                    other => panic!("unexpected {other}: {r:?}"),
-                }
-            }
-            (ok, refused)
-        }));
-    }
-    let (mut ok, mut refused) = (0, 0);
-    for t in tasks {
-        let (o, r) = t.await.unwrap();
-        ok += o;
-        refused += r;
-    }
+    let (ok, refused) = drive(&[a.public_addr, b.public_addr], &key.token, 6, 10).await;
     assert!(now_ms() < start + 3_600_000, "the drive left the window");
     println!("cluster, two instances, 30/h, 60 requests: {ok} let through, {refused} refused");
     // N plus 5% of N rounded up, at most.
@@ -494,7 +475,7 @@ async fn cluster_two_keygates_hold_one_limit_in_the_tenant_slot() {
     assert_eq!(ok + refused, 60);
     assert_eq!(up.wait_for(ok).await.len(), ok);
     // The window's counter: in the tenant's slot, never more than N.
-    let counter = format!("keygate:{{acme}}:rl:{}:{}", key.id, start / 1000);
+    let counter = counter_key(&key.id, start / 1000);
     let slot = cluster.keyslot("keygate:{acme}:live");
     assert_eq!(cluster.keyslot(&counter), slot);
     let reserved: Vec<u64> = cluster

@@ -13,7 +13,6 @@ use common::redis::{redis_cli, RedisCluster, RedisServer};
 use common::upstream::Upstream;
 use keygate::auth::store::{Store, UsageDelta};
 use keygate::auth::usage::hour_of;
-use keygate::config::{RedisTarget, Secret, StoreBackend};
 use keygate::RunHandle;
 
 async fn usage(kg: &RunHandle, token: &str, id: &str, query: &str) -> RawResponse {
@@ -276,16 +275,7 @@ async fn usage_is_flushed_on_shutdown_and_by_the_timer() {
 async fn cluster_rotation_and_usage_keys_live_in_the_tenant_slot() {
     let cluster = RedisCluster::start(3);
     let up = Upstream::start().await;
-    let mut config = kg::config(up.url());
-    config.store.backend = StoreBackend::Redis(RedisTarget::Cluster(
-        cluster
-            .urls()
-            .into_iter()
-            .take(2)
-            .map(Secret::new)
-            .collect(),
-    ));
-    config.store.timeout = Duration::from_secs(2);
+    let mut config = kg::cluster_config(&up, &cluster);
     config.keys.usage_flush = Duration::from_secs(3600);
     let a = kg::start_live(&config).await;
     let b = kg::start_live(&config).await;

@@ -15,7 +15,7 @@ use keygate::{Listeners, RunHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::redis::RedisServer;
+use super::redis::{RedisCluster, RedisServer};
 use super::upstream::Upstream;
 
 pub const HOST: &str = "acme.moleculesai.app";
@@ -33,6 +33,21 @@ pub fn config(upstream: http::Uri) -> Config {
 pub fn redis_config(up: &Upstream, redis: &RedisServer) -> Config {
     let mut c = config(up.url());
     c.store.backend = StoreBackend::Redis(RedisTarget::Url(Secret::new(redis.url())));
+    c
+}
+
+/// [`config`] on `cluster`, seeded with two of its nodes; a store timeout
+/// that allows for a redirect between them.
+pub fn cluster_config(up: &Upstream, cluster: &RedisCluster) -> Config {
+    let mut c = config(up.url());
+    let seeds = cluster
+        .urls()
+        .into_iter()
+        .take(2)
+        .map(Secret::new)
+        .collect();
+    c.store.backend = StoreBackend::Redis(RedisTarget::Cluster(seeds));
+    c.store.timeout = Duration::from_secs(2);
     c
 }
 
