@@ -16,7 +16,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::kg::{self, RawResponse};
-use common::redis::{redis_cli, try_redis_cli, RedisCluster, SentinelGroup};
+use common::redis::{redis_cli, try_redis_cli, wait_replicated, RedisCluster, SentinelGroup};
 use common::upstream::Upstream;
 use keygate::auth::store::Store;
 use keygate::auth::token;
@@ -481,10 +481,12 @@ async fn cluster_failover_of_the_tenant_shard() {
     );
     revoke_and_propagate(&a1, &a2, &revoked).await;
 
-    // The revocation is on the replica before the master dies (replication is
-    // asynchronous; WAIT makes the precondition explicit).
-    let acked = tokio::task::block_in_place(|| redis_cli(acme_master, &["WAIT", "1", "2000"]));
-    assert_eq!(acked.trim(), "1", "replica did not acknowledge the writes");
+    // The keys and the revocation are on the replica before the master dies
+    // (replication is asynchronous; waiting for its offset makes the
+    // precondition explicit — `WAIT` from redis-cli would return at once).
+    let acked =
+        tokio::task::block_in_place(|| wait_replicated(acme_master, Duration::from_secs(2)));
+    assert_eq!(acked, 1, "replica did not acknowledge the writes");
 
     let killed_at = Instant::now();
     tokio::task::block_in_place(|| cluster.node_mut(acme_master).kill());
@@ -655,8 +657,8 @@ async fn restart_round(
     // The writes are on the replica and on the master's disk, so the data
     // survives whichever of the two serves the slot afterwards.
     tokio::task::block_in_place(|| {
-        let acked = redis_cli(master, &["WAIT", "1", "2000"]);
-        assert_eq!(acked.trim(), "1", "replica did not acknowledge the writes");
+        let acked = wait_replicated(master, Duration::from_secs(2));
+        assert_eq!(acked, 1, "replica did not acknowledge the writes");
         assert_eq!(redis_cli(master, &["SAVE"]).trim(), "OK");
     });
 
@@ -787,8 +789,8 @@ async fn sentinel_failover_promotes_the_replica_and_keygate_follows() {
     let latency = revoke_and_propagate(&a1, &a2, &revoked).await;
     println!("sentinel: revocation reached the other acme instance in {latency:?}");
 
-    let acked = tokio::task::block_in_place(|| redis_cli(old_master, &["WAIT", "1", "2000"]));
-    assert_eq!(acked.trim(), "1", "replica did not acknowledge the writes");
+    let acked = tokio::task::block_in_place(|| wait_replicated(old_master, Duration::from_secs(2)));
+    assert_eq!(acked, 1, "replica did not acknowledge the writes");
 
     let killed_at = Instant::now();
     group.master.kill();
@@ -894,8 +896,8 @@ async fn sentinel_idle_instance_first_request_after_failover() {
     let used = a.mint("used").await;
     let fresh = a.mint("fresh").await;
     assert_ok(&a.get(&used.token).await, "key before the failover");
-    let acked = tokio::task::block_in_place(|| redis_cli(old_master, &["WAIT", "1", "2000"]));
-    assert_eq!(acked.trim(), "1", "replica did not acknowledge the writes");
+    let acked = tokio::task::block_in_place(|| wait_replicated(old_master, Duration::from_secs(2)));
+    assert_eq!(acked, 1, "replica did not acknowledge the writes");
 
     let killed_at = Instant::now();
     group.master.kill();

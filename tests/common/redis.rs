@@ -323,6 +323,49 @@ pub fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
 
 /// `redis-cli` that returns `None` instead of panicking (for nodes that may be
 /// down or busy failing over).
+/// Block until every replica of the master on `port` has acknowledged all
+/// of its writes so far (its `offset` in `INFO replication` has reached the
+/// master's `master_repl_offset`), polling for at most `limit`; `WAIT` from
+/// a fresh client cannot say this, it waits only for that client's writes.
+/// Returns how many replicas are caught up (panics if none within `limit`).
+pub fn wait_replicated(port: u16, limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    loop {
+        let info = redis_cli(port, &["INFO", "replication"]);
+        let field = |line: &str, name: &str| -> Option<u64> {
+            line.split([',', ':']).find_map(|kv| {
+                kv.trim()
+                    .strip_prefix(name)?
+                    .strip_prefix('=')?
+                    .parse()
+                    .ok()
+            })
+        };
+        let master = info
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("master_repl_offset:")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .expect("master_repl_offset in INFO replication");
+        let caught_up = info
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+            .filter(|l| field(l, "offset").is_some_and(|o| o >= master))
+            .count();
+        if caught_up > 0 {
+            return caught_up;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replica of :{port} caught up within {limit:?}: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn try_redis_cli(port: u16, args: &[&str]) -> Option<String> {
     let out = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
